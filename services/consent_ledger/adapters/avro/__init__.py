@@ -1,0 +1,1 @@
+"""Avro wire format of events: schemas, catalogue and the single-object codec."""

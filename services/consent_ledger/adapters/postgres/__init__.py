@@ -1,0 +1,1 @@
+"""PostgreSQL: migrations, named queries and the stores built on them."""

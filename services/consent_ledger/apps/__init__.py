@@ -1,0 +1,1 @@
+"""The running services: ledger writer, stream processors and audit API."""

@@ -1,0 +1,162 @@
+"""Ledger entries, their canonical bytes and the SHA-256 hash chain that makes tampering visible."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from consent_ledger.core.events import Event, EventType, format_timestamp
+
+GENESIS_HASH = bytes(32)
+"""The `previous entry_hash` of seq 1: thirty-two zero bytes."""
+
+DECISION_RECORDED = "decision.recorded"
+"""Entry type written by the audit API for a decision receipt; it has no subject."""
+POLICY_PUBLISHED = "policy.published"
+"""Entry type recording the policy timeline in force from its `recorded_at` on."""
+
+SUBJECT_EVENT_TYPES = frozenset(t.value for t in EventType)
+
+
+@dataclass(frozen=True, slots=True)
+class EntryContent:
+    """What an entry says, before the ledger gives it a place: an event, a receipt or a policy."""
+
+    event_id: uuid.UUID
+    event_type: str
+    subject_id: str | None
+    occurred_at: datetime
+    producer: str
+    body: Mapping[str, Any]
+
+    @classmethod
+    def of_event(cls, event: Event) -> EntryContent:
+        return cls(
+            event.event_id,
+            event.event_type.value,
+            event.subject_id,
+            event.occurred_at,
+            event.producer,
+            dict(event.body),
+        )
+
+    def same_as(self, other: EntryContent) -> bool:
+        """True when a redelivery carries the same event (the idempotent case), not a conflicting one."""
+        return canonical_json(self.as_json()) == canonical_json(other.as_json())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "event_id": str(self.event_id),
+            "event_type": self.event_type,
+            "subject_id": self.subject_id,
+            "occurred_at": format_timestamp(self.occurred_at),
+            "producer": self.producer,
+            "body": self.body,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One row of the ledger: the content, its gapless `seq`, its transaction time and its hash."""
+
+    seq: int
+    recorded_at: datetime
+    content: EntryContent
+    entry_hash: bytes
+
+    @property
+    def event_id(self) -> uuid.UUID:
+        return self.content.event_id
+
+    @property
+    def event_type(self) -> str:
+        return self.content.event_type
+
+    @property
+    def subject_id(self) -> str | None:
+        return self.content.subject_id
+
+    @property
+    def occurred_at(self) -> datetime:
+        return self.content.occurred_at
+
+    @property
+    def body(self) -> Mapping[str, Any]:
+        return self.content.body
+
+
+def canonical_json(value: Any) -> bytes:
+    """JSON with sorted keys, no insignificant whitespace, UTF-8, non-ASCII kept as is."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def canonical_bytes(seq: int, recorded_at: datetime, content: EntryContent) -> bytes:
+    """The bytes an entry's hash covers; README section "Verifying the chain" shows how to recompute them."""
+    document = content.as_json()
+    document["seq"] = seq
+    document["recorded_at"] = format_timestamp(recorded_at)
+    return canonical_json(document)
+
+
+def chain_hash(previous_hash: bytes, seq: int, recorded_at: datetime, content: EntryContent) -> bytes:
+    """`entry_hash = SHA-256(previous entry_hash || canonical bytes of the entry)`."""
+    return hashlib.sha256(previous_hash + canonical_bytes(seq, recorded_at, content)).digest()
+
+
+def append_entries(
+    previous_hash: bytes, previous_seq: int, recorded_at: datetime, contents: Iterable[EntryContent]
+) -> list[LedgerEntry]:
+    """Give each content the next seq and chain it after `previous_hash`, all at one transaction time."""
+    entries: list[LedgerEntry] = []
+    for offset, content in enumerate(contents, start=1):
+        seq = previous_seq + offset
+        previous_hash = chain_hash(previous_hash, seq, recorded_at, content)
+        entries.append(LedgerEntry(seq, recorded_at, content, previous_hash))
+    return entries
+
+
+@dataclass(frozen=True, slots=True)
+class ChainBreak:
+    """The first entry whose stored hash or position disagrees with the chain."""
+
+    seq: int
+    expected_hash: bytes
+    stored_hash: bytes
+    detail: str
+
+
+class ChainVerifier:
+    """Folds entries in seq order and remembers the first break; feed it batches of any size."""
+
+    def __init__(self, previous_hash: bytes = GENESIS_HASH, previous_seq: int = 0) -> None:
+        self.previous_hash = previous_hash
+        self.previous_seq = previous_seq
+        self.previous_recorded_at: datetime | None = None
+        self.checked = 0
+        self.first_break: ChainBreak | None = None
+
+    def feed(self, entries: Iterable[LedgerEntry]) -> ChainBreak | None:
+        for entry in entries:
+            if self.first_break is not None:
+                return self.first_break
+            expected = chain_hash(self.previous_hash, entry.seq, entry.recorded_at, entry.content)
+            detail = ""
+            if entry.seq != self.previous_seq + 1:
+                detail = f"gap: seq {entry.seq} follows seq {self.previous_seq}"
+            elif self.previous_recorded_at is not None and entry.recorded_at < self.previous_recorded_at:
+                detail = f"recorded_at of seq {entry.seq} goes back in time"
+            elif expected != entry.entry_hash:
+                detail = f"entry_hash of seq {entry.seq} does not match its content and predecessor"
+            if detail:
+                self.first_break = ChainBreak(entry.seq, expected, entry.entry_hash, detail)
+                return self.first_break
+            self.previous_hash = entry.entry_hash
+            self.previous_seq = entry.seq
+            self.previous_recorded_at = entry.recorded_at
+            self.checked += 1
+        return self.first_break
