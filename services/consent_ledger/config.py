@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     pipeline_tokens: SecretStr = Field(SecretStr(""), description="comma-separated bearer tokens, role pipeline")
     admin_tokens: SecretStr = Field(SecretStr(""), description="comma-separated bearer tokens, role admin")
     batch_max_items: int = Field(10_000, ge=1, description="most items in one batch eligibility request")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="port of /metrics for the writer and processors; 0 disables it"
+    )
+    state_wait_seconds: float = Field(
+        2.0, ge=0, description="how long a question waits for state to catch up before answering 503"
+    )
     readiness_max_lag: int = Field(1000, ge=0, description="/readyz fails when state lags the ledger more")
     policy_file: Path | None = Field(None, description="policy timeline JSON; unset uses the shipped default")
     data_dir: Path = Field(Path(".consent-ledger"), description="where embedded PostgreSQL keeps its data")

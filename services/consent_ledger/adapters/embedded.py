@@ -89,6 +89,7 @@ class EmbeddedBroker:
                     [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
                      "--storage-engine", "memory://tansu/"],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C goes to us; we stop the broker in order
                 )
             try:
                 _wait_for_port(self.port, self.process, "the Tansu broker", self.log, timeout)
@@ -191,10 +192,24 @@ class EmbeddedPostgres:
                 )
             try:
                 _wait_for_port(self.port, self.process, "PostgreSQL", self.log, timeout)
+                self._wait_until_accepting(bin_dir, timeout)
                 return self
             except EmbeddedServerError:
                 _stop(self.process, signal.SIGKILL)
         raise EmbeddedServerError(f"PostgreSQL did not start; see {self.log}:\n{_tail(self.log)}")
+
+    def _wait_until_accepting(self, bin_dir: Path, timeout: float) -> None:
+        """The port opens before recovery ends; pg_isready says when sessions are accepted."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            probe = subprocess.run(
+                [str(bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
+                capture_output=True,
+            )
+            if probe.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise EmbeddedServerError(f"PostgreSQL did not accept sessions within {timeout:.0f}s; see {self.log}")
 
     def stop(self) -> None:
         # SIGINT is PostgreSQL's "fast shutdown": roll back sessions, checkpoint, exit.

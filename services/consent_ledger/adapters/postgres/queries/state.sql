@@ -1,0 +1,53 @@
+-- Reads and writes of the derived state tables (see migrations/0002_state.sql).
+
+-- name: lock_fold_state
+SELECT subject_id, folded_seq FROM subject_fold_state WHERE subject_id = ANY($1::text[]) ORDER BY subject_id
+FOR UPDATE;
+
+-- name: save_fold_state
+INSERT INTO subject_fold_state (subject_id, folded_seq, recorded_at)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[])
+ON CONFLICT (subject_id) DO UPDATE
+SET folded_seq = EXCLUDED.folded_seq, recorded_at = EXCLUDED.recorded_at
+WHERE subject_fold_state.folded_seq < EXCLUDED.folded_seq;
+
+-- name: subjects_history
+SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
+FROM ledger WHERE subject_id = ANY($1::text[]) AND seq <= $2 ORDER BY seq;
+
+-- name: save_progress
+INSERT INTO processor_progress (app_id, partition, watermark_seq)
+SELECT $1, * FROM unnest($2::integer[], $3::bigint[])
+ON CONFLICT (app_id, partition) DO UPDATE
+SET watermark_seq = GREATEST(processor_progress.watermark_seq, EXCLUDED.watermark_seq),
+    updated_at = clock_timestamp();
+
+-- name: progress
+SELECT partition, watermark_seq FROM processor_progress WHERE app_id = $1;
+
+-- name: consent_at
+SELECT subject_id, valid_from, valid_to, consent_on, choice, policy_version, source_seq
+FROM consent_intervals
+WHERE subject_id = ANY($1::text[])
+  AND (valid_from IS NULL OR valid_from <= $2) AND (valid_to IS NULL OR valid_to > $2)
+  AND known_from <= $3 AND (known_to IS NULL OR known_to > $3);
+
+-- name: account_at
+SELECT subject_id, valid_from, valid_to, registered, account_type, deleted, registered_seq, type_seq, deleted_seq
+FROM account_intervals
+WHERE subject_id = ANY($1::text[])
+  AND (valid_from IS NULL OR valid_from <= $2) AND (valid_to IS NULL OR valid_to > $2)
+  AND known_from <= $3 AND (known_to IS NULL OR known_to > $3);
+
+-- name: conversation_facts_until
+SELECT f.subject_id, f.conversation_id, f.kind, f.occurred_at, f.seq, f.flag_id, f.counts_for_consent
+FROM conversation_facts f
+JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS q(subject_id, conversation_id)) q
+  ON f.subject_id = q.subject_id AND f.conversation_id = q.conversation_id
+WHERE f.occurred_at <= $3 AND f.known_from <= $4 AND (f.known_to IS NULL OR f.known_to > $4);
+
+-- name: consent_timeline
+SELECT valid_from, valid_to, consent_on, choice, policy_version, source_seq
+FROM consent_intervals
+WHERE subject_id = $1 AND known_from <= $2 AND (known_to IS NULL OR known_to > $2)
+ORDER BY valid_from NULLS FIRST;

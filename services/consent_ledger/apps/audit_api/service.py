@@ -1,0 +1,247 @@
+"""Answers eligibility questions from the state tables, with evidence, watermarks and decision receipts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from consent_ledger.adapters.postgres import state_store
+from consent_ledger.adapters.postgres.ledger_store import Candidate, append, entry_from_row, read_head
+from consent_ledger.adapters.postgres.queries import query
+from consent_ledger.core.eligibility import Decision, decide_eligibility
+from consent_ledger.core.events import format_timestamp, parse_timestamp
+from consent_ledger.core.ledger import DECISION_RECORDED, EntryContent, LedgerEntry
+from consent_ledger.core.policy import PolicyTimeline
+
+RECEIPT_PRODUCER = "consent-ledger/audit-api"
+
+
+class StateBehind(RuntimeError):
+    """The state tables have not folded everything the question may see yet."""
+
+    def __init__(self, needed: int, folded: int) -> None:
+        super().__init__(
+            f"state is folded up to seq {folded} but the question sees the ledger up to seq {needed}; "
+            "retry shortly (the stream processors are catching up)"
+        )
+        self.needed = needed
+        self.folded = folded
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Question:
+    subject_id: str
+    conversation_id: str
+
+
+def answer_json(
+    question: Question, decision: Decision, at: datetime, known_at: datetime, watermark: int,
+    evidence: Mapping[int, LedgerEntry],
+) -> dict[str, Any]:
+    return {
+        "subject_id": question.subject_id,
+        "conversation_id": question.conversation_id,
+        "at": format_timestamp(at),
+        "known_at": format_timestamp(known_at),
+        "eligible": decision.eligible,
+        "basis": list(decision.basis),
+        "reasons": list(decision.reasons),
+        "policy_version": decision.policy_version,
+        "evidence": [evidence_json(evidence[seq]) for seq in decision.evidence_seqs if seq in evidence],
+        "ledger_watermark": watermark,
+    }
+
+
+def evidence_json(entry: LedgerEntry) -> dict[str, Any]:
+    return {
+        "seq": entry.seq,
+        "event_id": str(entry.event_id),
+        "event_type": entry.event_type,
+        "occurred_at": format_timestamp(entry.occurred_at),
+        "recorded_at": format_timestamp(entry.recorded_at),
+    }
+
+
+class EligibilityService:
+    """Everything the API and CLI ask of the ledger and state; one pool, one policy timeline."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, timeline: PolicyTimeline, *, app_id: str, partitions: int,
+        state_wait_seconds: float = 2.0,
+    ) -> None:
+        self.pool = pool
+        self.timeline = timeline
+        self.app_id = app_id
+        self.partitions = partitions
+        self.state_wait_seconds = state_wait_seconds
+
+    async def watermark_at(self, connection: asyncpg.Connection, known_at: datetime) -> int:
+        row = await connection.fetchrow(query("ledger", "watermark_at"), known_at)
+        return 0 if row is None else int(row["seq"])
+
+    async def folded(self, connection: asyncpg.Connection) -> int:
+        return await state_store.folded_watermark(connection, self.app_id, self.partitions)
+
+    async def _wait_for_state(self, connection: asyncpg.Connection, needed: int) -> None:
+        deadline = time.monotonic() + self.state_wait_seconds
+        while True:
+            folded = await self.folded(connection)
+            if folded >= needed:
+                return
+            if time.monotonic() >= deadline:
+                raise StateBehind(needed, folded)
+            await asyncio.sleep(0.02)
+
+    async def decide(
+        self, questions: Sequence[Question], at: datetime | None, known_at: datetime | None,
+        *, watermark: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Answer every question at one `at` and `known_at` (default: now), in four queries in all.
+
+        With `watermark`, knowledge is cut at that seq instead (how a receipt is reproduced).
+        """
+        now = datetime.now(UTC)
+        at = at or now
+        async with self.pool.acquire() as connection:
+            if watermark is not None:
+                known_at = await self.recorded_at_of(connection, watermark)
+            known_at = known_at or now
+            if watermark is None:
+                watermark = await self.watermark_at(connection, known_at)
+            await self._wait_for_state(connection, watermark)
+            items = [(q.subject_id, q.conversation_id) for q in questions]
+            facts = await state_store.facts_at(connection, items, at, known_at)
+            decisions = [
+                decide_eligibility(facts[q.subject_id], q.conversation_id, at, self.timeline) for q in questions
+            ]
+            seqs = sorted({seq for d in decisions for seq in d.evidence_seqs})
+            evidence = {
+                row["seq"]: entry_from_row(row)
+                for row in await connection.fetch(query("ledger", "entries_by_seq"), seqs)
+            }
+        return [answer_json(q, d, at, known_at, watermark, evidence) for q, d in zip(questions, decisions, strict=True)]
+
+    async def recorded_at_of(self, connection: asyncpg.Connection, seq: int) -> datetime:
+        if seq == 0:
+            return datetime(1970, 1, 1, tzinfo=UTC)
+        rows = await connection.fetch(query("ledger", "entries_by_seq"), [seq])
+        if not rows:
+            raise NotFound(f"no ledger entry with seq {seq}")
+        recorded_at: datetime = rows[0]["recorded_at"]
+        return recorded_at
+
+    async def record_decision(self, questions: Sequence[Question]) -> dict[str, Any]:
+        """Evaluate now and append a `decision.recorded` receipt holding the results and the watermark."""
+        results = await self.decide(questions, None, None)
+        watermark = results[0]["ledger_watermark"] if results else 0
+        decision_id = uuid.uuid4()
+        now = datetime.now(UTC)
+        body = {
+            "decision_id": str(decision_id),
+            "at": results[0]["at"] if results else format_timestamp(now),
+            "watermark": watermark,
+            "results": [_receipt_result(r) for r in results],
+        }
+        content = EntryContent(decision_id, DECISION_RECORDED, None, now, RECEIPT_PRODUCER, body)
+        async with self.pool.acquire() as connection, connection.transaction():
+            outcome = await append(connection, [Candidate(content)])
+        entry = outcome.appended[0]
+        return {
+            "decision_id": str(decision_id),
+            "seq": entry.seq,
+            "recorded_at": format_timestamp(entry.recorded_at),
+            "watermark": watermark,
+            "results": results,
+        }
+
+    async def audit_decision(self, decision_id: uuid.UUID) -> dict[str, Any]:
+        """Reproduce a receipt from the knowledge at its watermark, and list what hindsight changes."""
+        async with self.pool.acquire() as connection:
+            row = await connection.fetchrow(query("ledger", "entry_by_event_id"), decision_id)
+        if row is None or row["event_type"] != DECISION_RECORDED:
+            raise NotFound(f"no decision receipt {decision_id}")
+        receipt = entry_from_row(row)
+        return await self.audit_receipt(receipt)
+
+    async def audit_receipt(self, receipt: LedgerEntry) -> dict[str, Any]:
+        body = receipt.body
+        stored = list(body["results"])
+        questions = [Question(r["subject_id"], r["conversation_id"]) for r in stored]
+        at = parse_timestamp(body["at"])
+        watermark = int(body["watermark"])
+        reproduced = await self.decide(questions, at, None, watermark=watermark) if questions else []
+        mismatches = [
+            {"index": i, "recorded": s, "reproduced": _receipt_result(r)}
+            for i, (s, r) in enumerate(zip(stored, reproduced, strict=True))
+            if _receipt_result(r) != s
+        ]
+        hindsight = await self.decide(questions, at, None) if questions else []
+        changed = []
+        late_by_subject = await self._late_entries(questions, watermark, at)
+        for s, h in zip(stored, hindsight, strict=True):
+            if _receipt_result(h) != s:
+                changed.append({
+                    "subject_id": s["subject_id"],
+                    "conversation_id": s["conversation_id"],
+                    "recorded": s,
+                    "hindsight": _receipt_result(h),
+                    "late_events": late_by_subject.get(s["subject_id"], []),
+                })
+        return {
+            "decision_id": body["decision_id"],
+            "seq": receipt.seq,
+            "recorded_at": format_timestamp(receipt.recorded_at),
+            "at": body["at"],
+            "watermark": watermark,
+            "reproduced": not mismatches,
+            "mismatches": mismatches,
+            "hindsight_watermark": hindsight[0]["ledger_watermark"] if hindsight else watermark,
+            "changed_in_hindsight": changed,
+        }
+
+    async def _late_entries(
+        self, questions: Sequence[Question], watermark: int, at: datetime
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Entries recorded after the watermark about things that happened by `at`: late events."""
+        subjects = sorted({q.subject_id for q in questions})
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(query("ledger", "subject_entries_after"), subjects, watermark, at)
+        late: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            entry = entry_from_row(row)
+            assert entry.subject_id is not None
+            late.setdefault(entry.subject_id, []).append(evidence_json(entry))
+        return late
+
+    async def head(self) -> dict[str, Any]:
+        async with self.pool.acquire() as connection:
+            head = await read_head(connection)
+        return {
+            "seq": head.seq,
+            "entry_hash": head.entry_hash.hex(),
+            "recorded_at": format_timestamp(head.recorded_at) if head.recorded_at else None,
+        }
+
+
+def _receipt_result(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """What a receipt keeps of an answer: enough to reproduce and compare, with evidence seqs."""
+    return {
+        "subject_id": answer["subject_id"],
+        "conversation_id": answer["conversation_id"],
+        "eligible": answer["eligible"],
+        "basis": answer["basis"],
+        "reasons": answer["reasons"],
+        "policy_version": answer["policy_version"],
+        "evidence_seqs": [e["seq"] for e in answer["evidence"]],
+    }

@@ -1,0 +1,87 @@
+"""Feeds committed ledger entries to `ledger.entries` from a cursor stored in PostgreSQL (the outbox)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from consent_ledger.adapters import metrics
+from consent_ledger.adapters.kafka.ledger_feed import entry_message, tick_message
+from consent_ledger.adapters.postgres.connection import connect
+from consent_ledger.adapters.postgres.ledger_store import entry_from_row
+from consent_ledger.adapters.postgres.queries import query
+from consent_ledger.config import Settings
+
+log = logging.getLogger("consent_ledger.outbox")
+CURSOR_NAME = "ledger.entries"
+
+
+class OutboxPublisher:
+    """At-least-once: the cursor moves only after the broker acknowledged; consumers are idempotent by seq."""
+
+    def __init__(self, settings: Settings, batch: int = 5000) -> None:
+        self.settings = settings
+        self.topic = settings.topics.ledger_entries
+        self.batch = batch
+        self.published_seq = 0
+        self._wake = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        assert self.settings.database_url and self.settings.kafka_bootstrap_servers
+        connection = await connect(self.settings.database_url)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all", linger_ms=5,
+            max_batch_size=262_144,
+        )
+        await producer.start()
+        await connection.add_listener("ledger_appended", self._on_notify)
+        try:
+            while not stop.is_set() and not await connection.fetchval(query("ledger", "outbox_lock")):
+                await _sleep_or_stop(stop, 1.0)  # another process publishes; take over when it stops
+            while not stop.is_set():
+                if not await self.publish_pending(connection, producer):
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):
+                            await asyncio.wait(
+                                [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())],
+                                return_when=asyncio.FIRST_COMPLETED,
+                            )
+        finally:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    def _on_notify(self, *_args: object) -> None:
+        self._wake.set()
+
+    async def publish_pending(self, connection: asyncpg.Connection, producer: AIOKafkaProducer) -> bool:
+        """Publish one batch after the cursor; False when there was nothing to publish."""
+        cursor = await connection.fetchval(query("ledger", "outbox_cursor"), CURSOR_NAME) or 0
+        rows = await connection.fetch(query("ledger", "entries_from"), cursor, 2**62, self.batch)
+        if not rows:
+            return False
+        entries = [entry_from_row(row) for row in rows]
+        sends = [
+            await producer.send(self.topic, key=entry.subject_id.encode(), value=entry_message(entry))
+            for entry in entries
+            if entry.subject_id is not None  # receipts and policy entries have no subject to fold
+        ]
+        last = entries[-1].seq
+        partitions = await producer.partitions_for(self.topic)
+        sends += [await producer.send(self.topic, value=tick_message(last), partition=p) for p in sorted(partitions)]
+        await asyncio.gather(*sends)
+        await connection.execute(query("ledger", "save_outbox_cursor"), CURSOR_NAME, last)
+        metrics.OUTBOX_PUBLISHED.inc(len(entries))
+        self.published_seq = last
+        return True
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()

@@ -1,0 +1,191 @@
+"""The stream processors: a faust app folding `ledger.entries` into the current and as-of state tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import faust
+
+from consent_ledger.adapters import metrics
+from consent_ledger.adapters.kafka.ledger_feed import WatermarkTick, parse_feed_message
+from consent_ledger.adapters.policy_files import load_timeline
+from consent_ledger.adapters.postgres import state_store
+from consent_ledger.adapters.postgres.connection import create_pool
+from consent_ledger.adapters.postgres.ledger_store import entry_from_row
+from consent_ledger.adapters.postgres.queries import query
+from consent_ledger.config import Settings
+from consent_ledger.core.facts import SubjectFacts
+from consent_ledger.core.increments import fold_increments
+from consent_ledger.core.ledger import LedgerEntry
+from consent_ledger.core.policy import PolicyTimeline
+from consent_ledger.core.state import current_state
+
+log = logging.getLogger("consent_ledger.processor")
+
+BATCH_MAX = 2000
+BATCH_WITHIN_SECONDS = 0.05
+
+
+class HistoryCache:
+    """Recently folded subjects' ledger entries, bounded; a miss reloads them from the ledger index."""
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[int, list[LedgerEntry]]] = OrderedDict()
+
+    def get(self, subject_id: str, folded_seq: int) -> list[LedgerEntry] | None:
+        cached = self._entries.get(subject_id)
+        if cached is None or cached[0] != folded_seq:
+            return None  # unknown here, or another worker folded it since (a rebalance)
+        self._entries.move_to_end(subject_id)
+        return cached[1]
+
+    def put(self, subject_id: str, folded_seq: int, history: list[LedgerEntry]) -> None:
+        self._entries[subject_id] = (folded_seq, history)
+        self._entries.move_to_end(subject_id)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
+class SubjectFolder:
+    """Folds batches of feed messages into PostgreSQL, exactly once per (subject, seq) whatever the redelivery."""
+
+    def __init__(self, settings: Settings, timeline: PolicyTimeline) -> None:
+        self.settings = settings
+        self.timeline = timeline
+        self.cache = HistoryCache()
+        self.pool: asyncpg.Pool | None = None
+        self.folded_seq = 0
+
+    async def start(self) -> None:
+        assert self.settings.database_url is not None
+        self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=2)
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def fold_batch(self, messages: Sequence[tuple[int, bytes]]) -> dict[str, SubjectFacts]:
+        """Apply (partition, message) pairs in one transaction; returns the new facts of touched subjects."""
+        assert self.pool is not None
+        entries: dict[str, list[LedgerEntry]] = {}
+        ticks: dict[int, int] = {}
+        for partition, raw in messages:
+            message = parse_feed_message(raw)
+            if isinstance(message, WatermarkTick):
+                ticks[partition] = max(ticks.get(partition, 0), message.seq)
+            elif message.subject_id is not None:
+                entries.setdefault(message.subject_id, []).append(message)
+        touched: dict[str, SubjectFacts] = {}
+        async with self.pool.acquire() as connection, connection.transaction():
+            folded = await state_store.lock_fold_state(connection, list(entries))
+            histories = await self._histories(connection, folded, list(entries))
+            changes = []
+            new_state: dict[str, tuple[int, datetime]] = {}
+            for subject_id, new_entries in entries.items():
+                fresh = sorted(
+                    (e for e in new_entries if e.seq > folded.get(subject_id, 0)), key=lambda e: e.seq
+                )
+                fresh = [e for i, e in enumerate(fresh) if i == 0 or e.seq != fresh[i - 1].seq]
+                if not fresh:
+                    continue
+                history = histories[subject_id]
+                subject_changes, facts = fold_increments(subject_id, history, fresh, self.timeline)
+                changes.extend(subject_changes)
+                history.extend(fresh)
+                new_state[subject_id] = (fresh[-1].seq, fresh[-1].recorded_at)
+                touched[subject_id] = facts
+            await state_store.write_plan(connection, state_store.plan_writes(changes))
+            await state_store.save_fold_state(connection, new_state)
+            await state_store.save_progress(connection, self.settings.processor_app_id, ticks)
+        for subject_id, (seq, _) in new_state.items():
+            self.cache.put(subject_id, seq, histories[subject_id])
+        folded_now = sum(len(e) for e in entries.values())
+        metrics.ENTRIES_FOLDED.inc(folded_now)
+        if ticks:
+            self.folded_seq = max(self.folded_seq, *ticks.values())
+        return touched
+
+    async def _histories(
+        self, connection: asyncpg.Connection, folded: dict[str, int], subjects: list[str]
+    ) -> dict[str, list[LedgerEntry]]:
+        histories: dict[str, list[LedgerEntry]] = {}
+        missing: list[str] = []
+        for subject_id in subjects:
+            cached = self.cache.get(subject_id, folded.get(subject_id, 0))
+            if cached is not None:
+                histories[subject_id] = list(cached)
+            elif folded.get(subject_id, 0) == 0:
+                histories[subject_id] = []
+            else:
+                missing.append(subject_id)
+        if missing:
+            upto = max(folded[s] for s in missing)
+            for subject_id in missing:
+                histories[subject_id] = []
+            for row in await connection.fetch(query("state", "subjects_history"), missing, upto):
+                entry = entry_from_row(row)
+                assert entry.subject_id is not None
+                if entry.seq <= folded[entry.subject_id]:
+                    histories[entry.subject_id].append(entry)
+        return histories
+
+
+def build_app(settings: Settings) -> faust.App:
+    """The faust app: one agent (concurrency 1, at-least-once) and the `subject_state` table."""
+    assert settings.kafka_bootstrap_servers is not None
+    app = faust.App(
+        settings.processor_app_id,
+        broker=[f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
+        store="memory://",
+        processing_guarantee="at_least_once",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_enabled=False,
+        datadir=str(settings.data_dir / "faust"),
+        value_serializer="raw",
+        key_serializer="raw",
+    )
+    feed = app.topic(
+        settings.topics.ledger_entries, key_type=bytes, value_type=bytes,
+        partitions=settings.topic_partitions, key_serializer="raw", value_serializer="raw",
+    )
+    # Current state per subject (changelog-backed): consent choice, account, conversations' status.
+    # Values are JSON bytes: the app's codecs are raw, never pickle.
+    subject_state = app.Table(
+        "subject_state", default=bytes, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes,
+    )
+    folder = SubjectFolder(settings, load_timeline(settings.policy_file))
+
+    @app.task
+    async def open_database() -> None:
+        await folder.start()
+
+    @app.agent(feed, concurrency=1)
+    async def fold(stream: faust.StreamT[Any]) -> None:
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_SECONDS):  # type: ignore[attr-defined]
+            touched = await folder.fold_batch([(event.message.partition, event.value) for event in events])
+            for subject_id, facts in touched.items():
+                subject_state[subject_id.encode()] = json.dumps(current_state(facts)).encode()
+
+    @app.timer(interval=1.0)
+    async def report_lag() -> None:
+        if folder.pool is None:
+            return
+        async with folder.pool.acquire() as connection:
+            head = await connection.fetchval("SELECT coalesce(max(seq), 0) FROM ledger")
+            folded = await state_store.folded_watermark(
+                connection, settings.processor_app_id, settings.topic_partitions
+            )
+        metrics.STATE_LAG.set(max(0, head - folded))
+
+    app.folder = folder  # type: ignore[attr-defined]
+    return app
