@@ -66,6 +66,16 @@ class Settings(BaseSettings):
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
 
+    @property
+    def writer_group_id(self) -> str:
+        """The writers' consumer group, scoped by the topic prefix like everything on the cluster."""
+        return f"{self.topic_prefix}{self.writer_group}"
+
+    @property
+    def processor_group_id(self) -> str:
+        """The faust app id (consumer group and changelog topic names), scoped by the topic prefix."""
+        return f"{self.topic_prefix}{self.processor_app_id}"
+
 
 @dataclass(frozen=True)
 class Topics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 
 import pytest
 from consent_history import MICROSECOND, SWITCH, History, ask, day
@@ -58,8 +59,8 @@ def test_type_change_without_registration_is_still_an_unknown_account() -> None:
 
 
 def test_account_deleted_from_its_deletion_on() -> None:
-    history = consumer()
-    registered = 1
+    history = History()
+    registered = history.register(day(-30))
     history.feedback(day(1))
     deleted = history.delete_account(day(2))
     before = ask(history.entries, "c1", day(2) - MICROSECOND)
@@ -67,6 +68,15 @@ def test_account_deleted_from_its_deletion_on() -> None:
     decision = ask(history.entries, "c1", day(2))
     assert (decision.eligible, decision.basis, decision.reasons) == (False, (), ("account_deleted",))
     assert decision.evidence_seqs == (registered, deleted)
+
+
+def test_account_deleted_rests_on_the_first_deletion() -> None:
+    history = consumer()
+    first = history.delete_account(day(2))
+    history.delete_account(day(1), recorded_at=history.clock + timedelta(hours=1))
+    history.delete_account(day(3))
+    assert ask(history.entries, "c1", day(2)).evidence_seqs == (1, first + 1)
+    assert ask(history.entries, "c1", day(1)).evidence_seqs == (1, first + 1)
 
 
 def test_account_deleted_outranks_commercial_account() -> None:
@@ -112,6 +122,14 @@ def test_consumer_turning_commercial_stops_eligibility() -> None:
     history.change_type(day(2), "commercial")
     assert ask(history.entries, "c1", day(2) - MICROSECOND).eligible
     assert ask(history.entries, "c1", day(2)).reasons == ("commercial_account",)
+
+
+def test_activity_before_registration_does_not_count() -> None:
+    history = History()
+    history.start(day(1))
+    history.register(day(2))
+    # Consent is on by default, but the account type at the start was no type at all, not consumer.
+    assert ask(history.entries, "c1", day(3)).reasons == ("no_activity_under_consent",)
 
 
 # Rule 4

@@ -36,18 +36,21 @@ INSTANTS = (
 SUBJECTS = ("s1", "s2")
 CONVERSATIONS = ("c1", "c2", "c3")
 ACTIVITY = ("conversation.started", "conversation.resumed")
-# Weighted by repetition towards what makes questions interesting: activity and consent changes, with
-# account deletions and receipts (which the fold ignores) rare.
+# Weighted by repetition towards what makes questions interesting: activity, consent changes, flags and
+# their clearing; account deletions and receipts (which the fold ignores) are rare.
 EVENT_TYPES = (
     "conversation.started",
     "consent.changed",
+    "safety.flagged",
     "conversation.resumed",
+    "consent.changed",
+    "safety.cleared",
     "conversation.started",
     "consent.changed",
     "feedback.reported",
+    "conversation.resumed",
     "safety.flagged",
     "safety.cleared",
-    "conversation.resumed",
     "conversation.deleted",
     "account.type_changed",
     "account.registered",
@@ -65,7 +68,7 @@ def event_specs(draw: st.DrawFn, subjects: Sequence[str], conversations: Sequenc
     subject = draw(st.sampled_from(subjects))
     occurred_at = draw(st.sampled_from(INSTANTS))
     conversation = draw(st.sampled_from(conversations))
-    flag_id = draw(st.sampled_from(("f1", "f2")))
+    flag_id = draw(st.sampled_from(("f1", "f1", "f2")))
     body: dict[str, str] = {
         "consent.changed": {"choice": draw(st.sampled_from(("opt_in", "opt_out"))), "source": "settings"},
         "account.registered": {"account_type": draw(st.sampled_from(ACCOUNT_TYPES))},
@@ -82,7 +85,7 @@ def event_specs(draw: st.DrawFn, subjects: Sequence[str], conversations: Sequenc
 @st.composite
 def ledgers(draw: st.DrawFn) -> list[LedgerEntry]:
     subjects = SUBJECTS[: draw(st.integers(1, 2))]
-    conversations = CONVERSATIONS[: draw(st.integers(1, 3))]
+    conversations = CONVERSATIONS[: draw(st.sampled_from((1, 1, 2, 3)))]
     specs = draw(st.lists(event_specs(subjects, conversations), min_size=1, max_size=14))
     for subject in subjects:
         # Most subjects register (usually early, as consumers), or most answers would be unknown_account.
@@ -94,7 +97,7 @@ def ledgers(draw: st.DrawFn) -> list[LedgerEntry]:
     history = History()
     for event_type, subject, occurred_at, body in specs:
         # A gap of zero puts several entries in one transaction (one recorded_at).
-        gap = timedelta(seconds=draw(st.sampled_from((0, 1))))
+        gap = timedelta(seconds=draw(st.sampled_from((0, 1, 0))))
         history.record(
             event_type,
             occurred_at,

@@ -59,6 +59,8 @@ class LedgerWriter:
         self.dead_letters: AIOKafkaProducer | None = None
         self.max_skew = timedelta(seconds=settings.max_future_skew_seconds)
         self.appended = 0
+        self.unconfirmed_ends: dict[TopicPartition, int] = {}
+        """Stored offsets past the end ListOffsets reported; the first fetch's high watermark decides."""
 
     async def start(self) -> None:
         assert self.settings.kafka_bootstrap_servers and self.settings.database_url
@@ -72,7 +74,7 @@ class LedgerWriter:
         await self.dead_letters.start()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=servers,
-            group_id=self.settings.writer_group,
+            group_id=self.settings.writer_group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=max(1_048_576, self.settings.max_message_bytes),
@@ -95,22 +97,19 @@ class LedgerWriter:
     async def seek_to_stored_offsets(self, assigned: list[TopicPartition]) -> None:
         assert self.connection is not None and self.consumer is not None
         rows = await self.connection.fetch(
-            query("ledger", "stored_offsets"), self.settings.writer_group, self.topics
+            query("ledger", "stored_offsets"), self.settings.writer_group_id, self.topics
         )
         stored = {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
         ends = await self.consumer.end_offsets(assigned) if assigned else {}
         for tp in assigned:
             offset = stored.get(tp)
             if offset is None:
-                self.consumer.seek_to_beginning(tp)
+                await self.consumer.seek_to_beginning(tp)
                 continue
             if offset > ends[tp]:
-                raise BrokerLogLost(
-                    f"{tp.topic}[{tp.partition}] ends at offset {ends[tp]} but the ledger already holds "
-                    f"messages up to offset {offset - 1}: the broker lost its log or is another cluster. "
-                    "Nothing was skipped or re-read; check the Kafka address, then see README, Operations, "
-                    "'Broker log lost'."
-                )
+                # Some brokers under-report here (the embedded Tansu answers with its last batch's base
+                # offset + 1); the high watermark of the first fetch is the end that counts.
+                self.unconfirmed_ends[tp] = offset
             self.consumer.seek(tp, offset)
         log.info("assigned %s", {f"{tp.topic}[{tp.partition}]": stored.get(tp, 0) for tp in assigned})
 
@@ -121,12 +120,33 @@ class LedgerWriter:
             batches = await self.consumer.getmany(timeout_ms=200, max_records=self.settings.writer_batch_max)
             if self.fatal is not None:
                 raise self.fatal
+            self._confirm_log_ends()
             records = [record for batch in batches.values() for record in batch]
             if records:
                 await self.append_records(records)
                 # Kafka's own offsets are only for lag tools: correctness rests on the stored ones.
                 await self.consumer.commit({tp: batch[-1].offset + 1 for tp, batch in batches.items()})
             await self._update_lag()
+
+    def _confirm_log_ends(self) -> None:
+        """Before any record of such a partition is used: fail if its log ends before the stored offset."""
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        for tp, offset in list(self.unconfirmed_ends.items()):
+            if tp not in assigned:  # revoked; the next assignment seeks and checks again
+                del self.unconfirmed_ends[tp]
+                continue
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:  # not fetched yet, so none of its records is in hand either
+                continue
+            del self.unconfirmed_ends[tp]
+            if offset > highwater:
+                raise BrokerLogLost(
+                    f"{tp.topic}[{tp.partition}] ends at offset {highwater} but the ledger already holds "
+                    f"messages up to offset {offset - 1}: the broker lost its log or is another cluster. "
+                    "Nothing was skipped or re-read; check the Kafka address, then see README, Operations, "
+                    "'Broker log lost'."
+                )
 
     async def append_records(self, records: Sequence[ConsumerRecord[Any, Any]]) -> None:
         assert self.connection is not None
@@ -138,7 +158,7 @@ class LedgerWriter:
             next_offsets[key] = max(next_offsets.get(key, 0), record.offset + 1)
         async with self.connection.transaction():
             outcome = await append(
-                self.connection, candidates, rejections, group_id=self.settings.writer_group,
+                self.connection, candidates, rejections, group_id=self.settings.writer_group_id,
                 next_offsets=next_offsets, max_future_skew=self.max_skew,
             )
             # Dead letters go out before the commit: a crash may repeat one, never lose one.

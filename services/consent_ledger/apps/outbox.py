@@ -45,12 +45,7 @@ class OutboxPublisher:
             while not stop.is_set():
                 if not await self.publish_pending(connection, producer):
                     self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(0.5):
-                            await asyncio.wait(
-                                [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())],
-                                return_when=asyncio.FIRST_COMPLETED,
-                            )
+                    await _sleep_or_stop(stop, 0.5, also=self._wake)
         finally:
             with contextlib.suppress(Exception):
                 await producer.stop()
@@ -81,7 +76,12 @@ class OutboxPublisher:
         self.published_seq = last
         return True
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await stop.wait()
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float, also: asyncio.Event | None = None) -> None:
+    """Sleep until `stop` (or `also`) is set, at most `seconds`."""
+    waiters = [asyncio.create_task(event.wait()) for event in (stop, also) if event is not None]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)

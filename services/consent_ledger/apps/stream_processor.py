@@ -103,7 +103,7 @@ class SubjectFolder:
                 touched[subject_id] = facts
             await state_store.write_plan(connection, state_store.plan_writes(changes))
             await state_store.save_fold_state(connection, new_state)
-            await state_store.save_progress(connection, self.settings.processor_app_id, ticks)
+            await state_store.save_progress(connection, self.settings.processor_group_id, ticks)
         for subject_id, (seq, _) in new_state.items():
             self.cache.put(subject_id, seq, histories[subject_id])
         folded_now = sum(len(e) for e in entries.values())
@@ -141,7 +141,7 @@ def build_app(settings: Settings) -> faust.App:
     """The faust app: one agent (concurrency 1, at-least-once) and the `subject_state` table."""
     assert settings.kafka_bootstrap_servers is not None
     app = faust.App(
-        settings.processor_app_id,
+        settings.processor_group_id,
         broker=[f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
         store="memory://",
         processing_guarantee="at_least_once",
@@ -159,9 +159,11 @@ def build_app(settings: Settings) -> faust.App:
         partitions=settings.topic_partitions, key_serializer="raw", value_serializer="raw",
     )
     # Current state per subject (changelog-backed): consent choice, account, conversations' status.
-    # Values are JSON bytes: the app's codecs are raw, never pickle.
+    # Values are JSON bytes: the app's codecs are raw, never pickle. Batches have no "current event", so the
+    # changelog partition comes from the partitioner: same key bytes and partition count as ledger.entries.
     subject_state = app.Table(
         "subject_state", default=bytes, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes,
+        use_partitioner=True,
     )
     folder = SubjectFolder(settings, load_timeline(settings.policy_file))
 
@@ -183,7 +185,7 @@ def build_app(settings: Settings) -> faust.App:
         async with folder.pool.acquire() as connection:
             head = await connection.fetchval("SELECT coalesce(max(seq), 0) FROM ledger")
             folded = await state_store.folded_watermark(
-                connection, settings.processor_app_id, settings.topic_partitions
+                connection, settings.processor_group_id, settings.topic_partitions
             )
         metrics.STATE_LAG.set(max(0, head - folded))
 

@@ -77,6 +77,11 @@ async def write_plan(connection: asyncpg.Connection, plan: WritePlan) -> int:
             list(subjects), list(hashes), list(known_to),
         )
         touched += int(status.split()[-1])
+        # A fact opened and closed at one transaction time was never visible: no row at all.
+        await connection.execute(
+            f"DELETE FROM {TABLE_OF[cls]} WHERE subject_id = ANY($1::text[]) AND known_to = known_from",
+            list(set(subjects)),
+        )
     for cls, rows in plan.inserts.items():
         columns = ("subject_id", "fact_hash", *COLUMNS_OF[cls], "known_from", "known_to")
         await connection.copy_records_to_table(TABLE_OF[cls], columns=columns, records=rows)
@@ -113,7 +118,7 @@ async def folded_watermark(connection: asyncpg.Connection, app_id: str, partitio
     rows = await connection.fetch(query("state", "progress"), app_id)
     if len(rows) < partitions:
         return 0
-    return min(row["watermark_seq"] for row in rows)
+    return int(min(row["watermark_seq"] for row in rows))
 
 
 async def facts_at(

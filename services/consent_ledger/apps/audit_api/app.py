@@ -98,7 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
         pool = await create_pool(settings.database_url, min_size=2, max_size=10)
         app.state.pool = pool
         app.state.service = EligibilityService(
-            pool, load_timeline(settings.policy_file), app_id=settings.processor_app_id,
+            pool, load_timeline(settings.policy_file), app_id=settings.processor_group_id,
             partitions=settings.topic_partitions, state_wait_seconds=settings.state_wait_seconds,
         )
         try:

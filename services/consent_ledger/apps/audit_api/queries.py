@@ -18,7 +18,7 @@ async def ask_one(
     pool = await create_pool(settings.database_url, min_size=1, max_size=1)
     try:
         service = EligibilityService(
-            pool, load_timeline(settings.policy_file), app_id=settings.processor_app_id,
+            pool, load_timeline(settings.policy_file), app_id=settings.processor_group_id,
             partitions=settings.topic_partitions, state_wait_seconds=settings.state_wait_seconds,
         )
         answers = await service.decide([Question(subject_id, conversation_id)], at, known_at)

@@ -71,5 +71,5 @@ CREATE TABLE processor_progress (
 
 REVOKE ALL ON consent_intervals, account_intervals, conversation_facts, subject_fold_state, processor_progress
   FROM PUBLIC;
-GRANT SELECT, INSERT, UPDATE ON consent_intervals, account_intervals, conversation_facts, subject_fold_state,
+GRANT SELECT, INSERT, UPDATE, DELETE ON consent_intervals, account_intervals, conversation_facts, subject_fold_state,
   processor_progress TO consent_ledger_service;

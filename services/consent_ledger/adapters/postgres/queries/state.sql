@@ -51,3 +51,15 @@ SELECT valid_from, valid_to, consent_on, choice, policy_version, source_seq
 FROM consent_intervals
 WHERE subject_id = $1 AND known_from <= $2 AND (known_to IS NULL OR known_to > $2)
 ORDER BY valid_from NULLS FIRST;
+
+-- name: replay_subject_entries
+-- Subject by subject (the ledger_subject_seq index gives this order): a subject's history at a time.
+SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
+FROM ledger WHERE subject_id IS NOT NULL AND recorded_at <= $1 ORDER BY subject_id, seq;
+
+-- name: fold_state_differences
+SELECT coalesce(l.subject_id, s.subject_id) AS subject_id, l.max_seq, s.folded_seq
+FROM (SELECT subject_id, max(seq) AS max_seq FROM ledger WHERE subject_id IS NOT NULL GROUP BY subject_id) l
+FULL JOIN subject_fold_state s ON s.subject_id = l.subject_id
+WHERE l.max_seq IS DISTINCT FROM s.folded_seq
+ORDER BY 1 LIMIT $1;

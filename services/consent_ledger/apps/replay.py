@@ -1,0 +1,351 @@
+"""Compliance replay: verify the chain, rebuild state from the ledger alone, compare, re-audit receipts, what-if."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from consent_ledger.adapters.policy_files import load_timeline
+from consent_ledger.adapters.postgres.connection import connect
+from consent_ledger.adapters.postgres.ledger_store import entry_from_row, stream_entries
+from consent_ledger.adapters.postgres.queries import query
+from consent_ledger.adapters.postgres.state_store import COLUMNS_OF, TABLE_OF, plan_writes
+from consent_ledger.apps.progress import progress_bar
+from consent_ledger.config import Settings
+from consent_ledger.core.eligibility import Decision, decide_eligibility
+from consent_ledger.core.events import format_timestamp, parse_timestamp
+from consent_ledger.core.facts import fold_subject
+from consent_ledger.core.increments import fold_increments
+from consent_ledger.core.ledger import ChainVerifier, LedgerEntry
+from consent_ledger.core.policy import PolicyTimeline
+
+FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
+EXAMPLES = 20
+COPY_BATCH = 20_000
+
+
+@dataclass
+class ReplayReport:
+    """Everything the replay found; `ok` only when nothing differs."""
+
+    until: str | None
+    chain: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    receipts: dict[str, Any] = field(default_factory=dict)
+    what_if: dict[str, Any] | None = None
+    entries: int = 0
+    subjects: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.chain.get("first_bad_seq") is None
+            and self.state.get("differences", 0) == 0
+            and self.receipts.get("not_reproduced", 0) == 0
+        )
+
+
+async def run_replay(
+    settings: Settings, *, report_path: Path, until: datetime | None, policy_file: Path | None, progress: bool
+) -> int:
+    assert settings.database_url is not None
+    started = time.perf_counter()
+    timeline = load_timeline(settings.policy_file)
+    alternative = load_timeline(policy_file) if policy_file else None
+    report = ReplayReport(until=format_timestamp(until) if until else None)
+    connection = await connect(settings.database_url)
+    try:
+        total = await connection.fetchval(
+            "SELECT count(*) FROM ledger WHERE recorded_at <= $1", until or FAR_FUTURE
+        )
+        report.entries = total
+        report.chain = await _verify_chain(connection, until, total, progress)
+        report.state, what_if = await _rebuild_and_compare(
+            connection, settings.database_url, until, timeline, alternative, total, progress, report
+        )
+        report.receipts = await _reaudit_receipts(connection, until, timeline, alternative, what_if)
+        report.what_if = what_if
+    finally:
+        await connection.close()
+    report.seconds = round(time.perf_counter() - started, 3)
+    report.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    document = {**report.__dict__, "ok": report.ok}
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(document, indent=2, default=str))
+    print(summary(report, report_path))
+    return 0 if report.ok else 1
+
+
+async def _verify_chain(
+    connection: asyncpg.Connection, until: datetime | None, total: int, progress: bool
+) -> dict[str, Any]:
+    verifier = ChainVerifier()
+    last = None
+    if until is not None:
+        last = await connection.fetchval("SELECT max(seq) FROM ledger WHERE recorded_at <= $1", until) or 0
+    with progress_bar("verifying chain", total, enabled=progress) as advance:
+        async for entries in stream_entries(connection, until_seq=last, batch=20_000):
+            if verifier.feed(entries) is not None:
+                break
+            advance(len(entries))
+    bad = verifier.first_break
+    return {
+        "verified_entries": verifier.checked,
+        "first_bad_seq": bad.seq if bad else None,
+        "detail": bad.detail if bad else None,
+    }
+
+
+async def _subjects(connection: asyncpg.Connection, until: datetime | None) -> AsyncIterator[list[LedgerEntry]]:
+    """Each subject's entries in seq order, one subject at a time: memory bounded by the largest subject."""
+    current: list[LedgerEntry] = []
+    async with connection.transaction():
+        cursor = connection.cursor(query("state", "replay_subject_entries"), until or FAR_FUTURE, prefetch=10_000)
+        async for row in cursor:
+            entry = entry_from_row(row)
+            if current and current[0].subject_id != entry.subject_id:
+                yield current
+                current = []
+            current.append(entry)
+    if current:
+        yield current
+
+
+async def _rebuild_and_compare(
+    reader: asyncpg.Connection, database_url: str, until: datetime | None, timeline: PolicyTimeline,
+    alternative: PolicyTimeline | None, total: int, progress: bool, report: ReplayReport,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Fold every subject with the processors' code into temporary tables, then diff them with the live ones."""
+    writer = await connect(database_url)  # a second session: the reader's is busy with its cursor
+    what_if_changes: Counter[str] = Counter()
+    what_if_examples: list[dict[str, Any]] = []
+    conversations_checked = 0
+    at = until or datetime.now(UTC)
+    try:
+        for cls, table in TABLE_OF.items():
+            await writer.execute(f"CREATE TEMP TABLE replay_{table} (LIKE {table}) ON COMMIT PRESERVE ROWS")
+        pending: dict[type[Any], list[tuple[Any, ...]]] = {cls: [] for cls in TABLE_OF}
+        with progress_bar("rebuilding state", total, enabled=progress) as advance:
+            async for entries in _subjects(reader, until):
+                report.subjects += 1
+                subject_id = entries[0].subject_id
+                assert subject_id is not None
+                changes, facts = fold_increments(subject_id, [], entries, timeline)
+                for cls, rows in plan_writes(changes).inserts.items():
+                    pending[cls].extend(rows)
+                if alternative is not None:
+                    alt_facts = fold_subject(subject_id, entries, alternative)
+                    for conversation_id in sorted({f.conversation_id for f in facts.conversations}):
+                        conversations_checked += 1
+                        before = decide_eligibility(facts, conversation_id, at, timeline)
+                        after = decide_eligibility(alt_facts, conversation_id, at, alternative)
+                        if _verdict(before) != _verdict(after):
+                            what_if_changes[f"{_verdict(before)} -> {_verdict(after)}"] += 1
+                            if len(what_if_examples) < EXAMPLES:
+                                what_if_examples.append({"subject_id": subject_id, "conversation_id": conversation_id,
+                                                         "before": _verdict(before), "after": _verdict(after)})
+                advance(len(entries))
+                if sum(len(rows) for rows in pending.values()) >= COPY_BATCH:
+                    await _flush(writer, pending)
+        await _flush(writer, pending)
+        state = await _compare(writer, until)
+    finally:
+        await writer.close()
+    what_if = None
+    if alternative is not None:
+        what_if = {
+            "timeline_id": alternative.timeline_id,
+            "at": format_timestamp(at),
+            "conversations_checked": conversations_checked,
+            "conversations_changed": sum(what_if_changes.values()),
+            "changes_by_answer": dict(what_if_changes),
+            "examples": what_if_examples,
+        }
+    return state, what_if
+
+
+async def _flush(writer: asyncpg.Connection, pending: dict[type[Any], list[tuple[Any, ...]]]) -> None:
+    for cls, rows in pending.items():
+        if rows:
+            columns = ("subject_id", "fact_hash", *COLUMNS_OF[cls], "known_from", "known_to")
+            await writer.copy_records_to_table(f"replay_{TABLE_OF[cls]}", columns=columns, records=rows)
+            rows.clear()
+
+
+async def _compare(writer: asyncpg.Connection, until: datetime | None) -> dict[str, Any]:
+    """Rows only in the live tables (`extra`) and only in the rebuild (`missing`), per table."""
+    cut = until or FAR_FUTURE
+    tables: dict[str, Any] = {}
+    differences = 0
+    for cls, table in TABLE_OF.items():
+        columns = ", ".join(("subject_id", *COLUMNS_OF[cls], "known_from"))
+        # Knowledge after the cut is not part of this replay: a row closed later was still open then.
+        live = (f"SELECT {columns}, CASE WHEN known_to > $1 THEN NULL ELSE known_to END AS known_to "
+                f"FROM {table} WHERE known_from <= $1")
+        rebuilt = f"SELECT {columns}, known_to FROM replay_{table}"
+        extra = await writer.fetch(f"SELECT * FROM ({live} EXCEPT ALL {rebuilt}) d LIMIT {EXAMPLES}", cut)
+        missing = await writer.fetch(f"SELECT * FROM ({rebuilt} EXCEPT ALL {live}) d LIMIT {EXAMPLES}", cut)
+        n_extra = await writer.fetchval(f"SELECT count(*) FROM ({live} EXCEPT ALL {rebuilt}) d", cut)
+        n_missing = await writer.fetchval(f"SELECT count(*) FROM ({rebuilt} EXCEPT ALL {live}) d", cut)
+        rows = await writer.fetchval(f"SELECT count(*) FROM replay_{table}")
+        differences += n_extra + n_missing
+        tables[table] = {
+            "rebuilt_rows": rows,
+            "extra_in_live": n_extra,
+            "missing_from_live": n_missing,
+            "examples_extra": [_jsonable(dict(r)) for r in extra],
+            "examples_missing": [_jsonable(dict(r)) for r in missing],
+        }
+    fold_state = []
+    if until is None:
+        fold_state = [dict(r) for r in await writer.fetch(query("state", "fold_state_differences"), EXAMPLES)]
+        differences += len(fold_state)
+    return {"differences": differences, "tables": tables, "fold_state_differences": fold_state}
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: format_timestamp(v) if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+def _verdict(decision: Decision) -> str:
+    return "eligible" if decision.eligible else decision.reasons[0]
+
+
+async def _reaudit_receipts(
+    connection: asyncpg.Connection, until: datetime | None, timeline: PolicyTimeline,
+    alternative: PolicyTimeline | None, what_if: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Re-decide every receipt from the raw ledger (brute force, not the state tables) at its watermark."""
+    checked = 0
+    not_reproduced: list[dict[str, Any]] = []
+    hindsight_changes = 0
+    what_if_decisions: list[dict[str, Any]] = []
+    last = 0
+    while True:
+        rows = await connection.fetch(query("ledger", "decision_entries"), last, 500)
+        if not rows:
+            break
+        last = rows[-1]["seq"]
+        for row in rows:
+            receipt = entry_from_row(row)
+            if until is not None and receipt.recorded_at > until:
+                continue
+            checked += 1
+            outcome = await _reaudit(connection, receipt, until, timeline, alternative)
+            not_reproduced.extend(outcome["mismatches"])
+            hindsight_changes += outcome["hindsight_changes"]
+            what_if_decisions.extend(outcome["what_if"])
+    if what_if is not None:
+        what_if["decision_items_changed"] = len(what_if_decisions)
+        what_if["decision_examples"] = what_if_decisions[:EXAMPLES]
+    return {
+        "receipts_checked": checked,
+        "not_reproduced": len(not_reproduced),
+        "mismatches": not_reproduced[:EXAMPLES],
+        "items_changed_in_hindsight": hindsight_changes,
+    }
+
+
+async def _reaudit(
+    connection: asyncpg.Connection, receipt: LedgerEntry, until: datetime | None, timeline: PolicyTimeline,
+    alternative: PolicyTimeline | None,
+) -> dict[str, Any]:
+    body = receipt.body
+    at = parse_timestamp(body["at"])
+    watermark = int(body["watermark"])
+    results: Sequence[dict[str, Any]] = body["results"]
+    subjects = sorted({r["subject_id"] for r in results})
+    rows = await connection.fetch(
+        "SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash "
+        "FROM ledger WHERE subject_id = ANY($1::text[]) AND recorded_at <= $2 ORDER BY seq",
+        subjects, until or FAR_FUTURE,
+    )
+    by_subject: dict[str, list[LedgerEntry]] = {s: [] for s in subjects}
+    for row in rows:
+        entry = entry_from_row(row)
+        assert entry.subject_id is not None
+        by_subject[entry.subject_id].append(entry)
+    mismatches, what_if, hindsight = [], [], 0
+    for index, stored in enumerate(results):
+        history = by_subject[stored["subject_id"]]
+        then = [e for e in history if e.seq <= watermark]
+        reproduced = _receipt_view(fold_and_decide(stored["subject_id"], then, stored["conversation_id"], at,
+                                                   timeline))
+        recorded_view = {k: stored[k] for k in ("eligible", "basis", "reasons", "policy_version", "evidence_seqs")}
+        if reproduced != recorded_view:
+            mismatches.append({"decision_id": body["decision_id"], "seq": receipt.seq, "index": index,
+                               "recorded": recorded_view, "reproduced": reproduced})
+        now = _receipt_view(fold_and_decide(stored["subject_id"], history, stored["conversation_id"], at, timeline))
+        hindsight += now != recorded_view
+        if alternative is not None:
+            alt = _receipt_view(fold_and_decide(stored["subject_id"], then, stored["conversation_id"], at,
+                                                alternative))
+            if alt["eligible"] != recorded_view["eligible"] or alt["reasons"] != recorded_view["reasons"]:
+                what_if.append({"decision_id": body["decision_id"], "index": index, "recorded": recorded_view,
+                                "what_if": alt})
+    return {"mismatches": mismatches, "hindsight_changes": hindsight, "what_if": what_if}
+
+
+def fold_and_decide(
+    subject_id: str, entries: Sequence[LedgerEntry], conversation_id: str, at: datetime, timeline: PolicyTimeline
+) -> Decision:
+    view = [e for e in entries if e.occurred_at <= at]
+    return decide_eligibility(fold_subject(subject_id, view, timeline), conversation_id, at, timeline)
+
+
+def _receipt_view(decision: Decision) -> dict[str, Any]:
+    return {
+        "eligible": decision.eligible,
+        "basis": list(decision.basis),
+        "reasons": list(decision.reasons),
+        "policy_version": decision.policy_version,
+        "evidence_seqs": list(decision.evidence_seqs),
+    }
+
+
+def summary(report: ReplayReport, report_path: Path) -> str:
+    lines = [
+        f"replay {'OK' if report.ok else 'FOUND DIFFERENCES'}: {report.entries} entries, {report.subjects} subjects, "
+        f"{report.seconds:.1f}s ({report.entries / max(report.seconds, 1e-9):,.0f} entries/s), "
+        f"peak RSS {report.peak_rss_mb:.0f} MB",
+    ]
+    chain = report.chain
+    if chain.get("first_bad_seq") is None:
+        lines.append(f"  chain: intact over {chain.get('verified_entries', 0)} entries")
+    else:
+        lines.append(f"  chain: BROKEN at seq {chain['first_bad_seq']}: {chain['detail']}")
+    for table, result in report.state.get("tables", {}).items():
+        lines.append(f"  {table}: {result['rebuilt_rows']} rows rebuilt, {result['extra_in_live']} extra in live, "
+                     f"{result['missing_from_live']} missing from live")
+        for example in result["examples_extra"][:3]:
+            lines.append(f"    extra:   {example}")
+        for example in result["examples_missing"][:3]:
+            lines.append(f"    missing: {example}")
+    for difference in report.state.get("fold_state_differences", [])[:3]:
+        lines.append(f"  subject_fold_state differs: {difference}")
+    receipts = report.receipts
+    lines.append(f"  receipts: {receipts.get('receipts_checked', 0)} re-audited, "
+                 f"{receipts.get('not_reproduced', 0)} not reproduced, "
+                 f"{receipts.get('items_changed_in_hindsight', 0)} items changed in hindsight")
+    for mismatch in receipts.get("mismatches", [])[:3]:
+        lines.append(f"    NOT REPRODUCED: decision {mismatch['decision_id']} item {mismatch['index']}")
+    if report.what_if is not None:
+        w = report.what_if
+        lines.append(f"  what if ({w['timeline_id']}, at {w['at']}): {w['conversations_changed']} of "
+                     f"{w['conversations_checked']} conversations change; {w.get('decision_items_changed', 0)} "
+                     "decision items change")
+        for change, count in sorted(w["changes_by_answer"].items()):
+            lines.append(f"    {count:>8}  {change}")
+    lines.append(f"  report: {report_path}")
+    return "\n".join(lines)
