@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,12 @@ app = typer.Typer(
 
 
 def load_settings() -> Settings:
+    known = {f"CONSENT_LEDGER_{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(name for name in os.environ if name.startswith("CONSENT_LEDGER_") and name not in known)
+    if unknown:
+        typer.secho(f"unknown setting(s) {', '.join(unknown)}: check the spelling against README, Configuration "
+                    "(a misspelt setting would otherwise be ignored silently).", fg="red", err=True)
+        raise typer.Exit(2)
     try:
         return Settings()
     except ValidationError as error:
@@ -186,7 +193,7 @@ def verify(
         return
     typer.secho(f"chain broken at seq {result.first_break.seq}: {result.first_break.detail}. "
                 f"{result.checked} entries before it verified. Restore the ledger from a backup and verify it "
-                "(README, Operations).", fg="red", err=True)
+                "(deploy/OPERATIONS.md).", fg="red", err=True)
     raise typer.Exit(1)
 
 

@@ -66,7 +66,7 @@ class LedgerWriter:
         assert self.settings.kafka_bootstrap_servers and self.settings.database_url
         servers = self.settings.kafka_bootstrap_servers
         await ensure_topics(
-            servers, [*self.topics, self.settings.topics.dead_letter],
+            servers, [*self.topics, self.settings.topics.dead_letter, self.settings.topics.ledger_entries],
             self.settings.topic_partitions, self.settings.topic_replication,
         )
         self.connection = await connect(self.settings.database_url)
@@ -144,7 +144,7 @@ class LedgerWriter:
                 raise BrokerLogLost(
                     f"{tp.topic}[{tp.partition}] ends at offset {highwater} but the ledger already holds "
                     f"messages up to offset {offset - 1}: the broker lost its log or is another cluster. "
-                    "Nothing was skipped or re-read; check the Kafka address, then see README, Operations, "
+                    "Nothing was skipped or re-read; check the Kafka address, then see deploy/OPERATIONS.md, "
                     "'Broker log lost'."
                 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import resource
 import time
@@ -80,11 +81,15 @@ async def run_replay(
         await connection.close()
     report.seconds = round(time.perf_counter() - started, 3)
     report.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    await asyncio.to_thread(_write_report, report, report_path)
+    print(summary(report, report_path))
+    return 0 if report.ok else 1
+
+
+def _write_report(report: ReplayReport, report_path: Path) -> None:
     document = {**report.__dict__, "ok": report.ok}
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(document, indent=2, default=str))
-    print(summary(report, report_path))
-    return 0 if report.ok else 1
 
 
 async def _verify_chain(
@@ -133,7 +138,7 @@ async def _rebuild_and_compare(
     conversations_checked = 0
     at = until or datetime.now(UTC)
     try:
-        for cls, table in TABLE_OF.items():
+        for table in TABLE_OF.values():
             await writer.execute(f"CREATE TEMP TABLE replay_{table} (LIKE {table}) ON COMMIT PRESERVE ROWS")
         pending: dict[type[Any], list[tuple[Any, ...]]] = {cls: [] for cls in TABLE_OF}
         with progress_bar("rebuilding state", total, enabled=progress) as advance:

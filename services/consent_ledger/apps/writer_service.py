@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from consent_ledger.adapters.policy_files import load_timeline
 from consent_ledger.apps.ledger_writer import LedgerWriter
 from consent_ledger.apps.lifecycle import serve_metrics, stop_on_signals, wait_for_dependencies
 from consent_ledger.apps.outbox import OutboxPublisher
+from consent_ledger.apps.policy_record import record_policy_if_changed
 from consent_ledger.config import Settings
 
 log = logging.getLogger("consent_ledger.writer")
@@ -18,6 +20,8 @@ async def run_writer_service(settings: Settings, stop: asyncio.Event | None = No
     serve_metrics(settings)
     if not await wait_for_dependencies(settings, stop):
         return
+    assert settings.database_url is not None
+    await record_policy_if_changed(settings.database_url, load_timeline(settings.policy_file))
     writer = LedgerWriter(settings)
     outbox = OutboxPublisher(settings)
     await writer.start()

@@ -3,7 +3,7 @@
 DO $$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'consent_ledger_service') THEN
-    -- A group role: operators grant it to the login the services use (see README, Operations).
+    -- A group role: operators grant it to the login the services use (see deploy/OPERATIONS.md).
     CREATE ROLE consent_ledger_service NOLOGIN;
   END IF;
 END
