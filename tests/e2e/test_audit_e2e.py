@@ -48,7 +48,8 @@ async def test_every_rule_answered_right_at_every_instant(system: Any) -> None:
         got = answer["basis"][0] if answer["eligible"] else answer["reasons"][0]
         assert (answer["eligible"], got) == (eligible, code), (subject, conversation, at, answer)
         assert answer["ledger_watermark"] == len(events)
-        assert all(set(e) == {"seq", "event_id", "event_type", "occurred_at", "recorded_at"} for e in answer["evidence"])
+        fields = {"seq", "event_id", "event_type", "occurred_at", "recorded_at"}
+        assert all(set(e) == fields for e in answer["evidence"])
 
     # Before, on and after every event, every conversation agrees with a brute-force fold of the ledger.
     entries = await ledger_entries(system.settings.database_url)
