@@ -38,7 +38,9 @@ async def test_every_rule_answered_right_at_every_instant(system: Any) -> None:
     published = system.cli("publish", "-", stdin=jsonl(events))
     assert published.returncode == 0, published.stderr
     assert f"sent {len(events)}" in published.stdout
-    await system.wait_folded(len(events))
+    await system.wait_folded(len(events) + 1)  # and the policy.published entry
+    head = (await system.get("/v1/ledger/head")).json()["seq"]  # the events and the policy.published entry
+    assert head == len(events) + 1
 
     # The SPEC's codes, each asked where the history makes it the answer.
     for (subject, conversation, at), (eligible, code) in EXPECTED.items():
@@ -47,7 +49,7 @@ async def test_every_rule_answered_right_at_every_instant(system: Any) -> None:
         answer = response.json()
         got = answer["basis"][0] if answer["eligible"] else answer["reasons"][0]
         assert (answer["eligible"], got) == (eligible, code), (subject, conversation, at, answer)
-        assert answer["ledger_watermark"] == len(events)
+        assert answer["ledger_watermark"] == head
         fields = {"seq", "event_id", "event_type", "occurred_at", "recorded_at"}
         assert all(set(e) == fields for e in answer["evidence"])
 
@@ -55,7 +57,7 @@ async def test_every_rule_answered_right_at_every_instant(system: Any) -> None:
     entries = await ledger_entries(system.settings.database_url)
     timeline = load_timeline(None)
     known_at = max(e.recorded_at for e in entries)
-    questions = sorted({(e.subject_id, e.body.get("conversation_id", "none")) for e in entries})
+    questions = sorted({(e.subject_id, e.body.get("conversation_id", "none")) for e in entries if e.subject_id})
     instants = sorted({t for e in entries for t in (e.occurred_at - ONE_MICROSECOND, e.occurred_at,
                                                     e.occurred_at + ONE_MICROSECOND)})
     asked = 0
@@ -80,7 +82,7 @@ async def test_every_rule_answered_right_at_every_instant(system: Any) -> None:
 async def test_late_event_changes_known_answer_and_shows_in_receipt_audit(system: Any) -> None:
     events = history()
     assert system.cli("publish", "-", stdin=jsonl(events)).returncode == 0
-    await system.wait_folded(len(events))
+    await system.wait_folded(len(events) + 1)  # and the policy.published entry
     subject, conversation, at = LATE.question
     before = (await system.get("/v1/eligibility", subject_id=subject, conversation_id=conversation, at=at)).json()
     assert before["eligible"] is True
@@ -92,15 +94,15 @@ async def test_late_event_changes_known_answer_and_shows_in_receipt_audit(system
     )
     assert receipt.status_code == 200, receipt.text
     recorded = receipt.json()
-    assert recorded["watermark"] == len(events)
+    assert recorded["watermark"] == head["seq"]
 
     assert system.cli("publish", "-", stdin=jsonl(LATE.events)).returncode == 0
-    await system.wait_folded(len(events) + 1 + len(LATE.events))
+    await system.wait_folded(head["seq"] + 1 + len(LATE.events))
 
     then = (await system.get("/v1/eligibility", subject_id=subject, conversation_id=conversation, at=at,
                              known_at=head["recorded_at"])).json()
     now = (await system.get("/v1/eligibility", subject_id=subject, conversation_id=conversation, at=at)).json()
-    assert (then["eligible"], then["ledger_watermark"]) == (True, len(events))
+    assert (then["eligible"], then["ledger_watermark"]) == (True, head["seq"])
     assert (now["eligible"], now["reasons"]) == (False, ["opted_out"])
     late_seq = now["ledger_watermark"]
     assert late_seq in [e["seq"] for e in now["evidence"]]

@@ -20,7 +20,7 @@ from consent_ledger.core.policy import timeline_from_json, timeline_to_json
 async def build_ledger(system: Any) -> None:
     events = history()
     assert system.cli("publish", "-", stdin=jsonl(events)).returncode == 0
-    await system.wait_folded(len(events))
+    await system.wait_folded(len(events) + 1)  # and the policy.published entry
     subject, conversation, _ = LATE.question
     receipt = await system.client.post(
         "/v1/decisions", json={"items": [{"subject_id": subject, "conversation_id": conversation},
@@ -29,7 +29,7 @@ async def build_ledger(system: Any) -> None:
     )
     assert receipt.status_code == 200, receipt.text
     assert system.cli("publish", "-", stdin=jsonl(LATE.events)).returncode == 0
-    await system.wait_folded(len(events) + 2)
+    await system.wait_folded(len(events) + 3)  # with the policy.published entry and the receipt
 
 
 def replay(system: Any, tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:

@@ -38,7 +38,7 @@ from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.apps.ledger_writer import BrokerLogLost, LedgerWriter
 from consent_ledger.config import Settings
-from consent_ledger.core.events import EVENT_TOPICS, Event, EventType, InvalidEvent, RejectReason
+from consent_ledger.core.events import BODY_FIELDS, EVENT_TOPICS, Event, EventType, InvalidEvent, RejectReason
 from consent_ledger.core.ledger import EntryContent
 
 SEED = 20251001
@@ -104,7 +104,7 @@ def _unknown_schema(rng: random.Random, valid: Event) -> bytes:
 
 
 def _invalid_field(valid: Event, index: int) -> bytes:
-    text_field = next((name for name, allowed in _body_fields(valid) if allowed is None), None)
+    text_field = next((name for name, allowed in BODY_FIELDS[valid.event_type].items() if allowed is None), None)
     variants: list[dict[str, Any]] = [
         {"producer": ""},
         {"subject_id": "s" * 200},
@@ -115,12 +115,6 @@ def _invalid_field(valid: Event, index: int) -> bytes:
     if text_field is not None:
         variants.append({"body": {**valid.body, text_field: ""}})
     return _encode_unchecked(_record(valid, **variants[index % len(variants)]), valid.event_type)
-
-
-def _body_fields(event: Event) -> list[tuple[str, tuple[str, ...] | None]]:
-    from consent_ledger.core.events import BODY_FIELDS
-
-    return list(BODY_FIELDS[event.event_type].items())
 
 
 def _oversized(rng: random.Random, subject_id: str, index: int) -> bytes:
@@ -184,6 +178,7 @@ def build_scenario(settings: Settings, rng: random.Random) -> Scenario:
 
     keyed.sort(key=lambda item: item[0])
     scenario = Scenario(valid_ids={event.event_id for event in valid})
+    assert len(scenario.valid_ids) == VALID_EVENTS
     for _, message, reason, original in keyed:
         scenario.messages.append(message)
         scenario.expected_reason.append(reason)

@@ -14,10 +14,10 @@ from consent_ledger.core.bitemporal import (
     Known,
     KnownFacts,
     diff_facts,
-    fold_increments,
     plan_changes,
 )
 from consent_ledger.core.facts import ConversationFact, SubjectFacts, fold_subject
+from consent_ledger.core.increments import fold_increments
 from consent_ledger.core.policy import DEFAULT_TIMELINE
 
 
@@ -56,7 +56,8 @@ def test_a_row_added_and_removed_within_its_transaction_is_dropped() -> None:
     assert changes[1].consent.dropped, "the open-ended default interval of the first entry is dropped"
     assert not changes[1].consent.closed
     rows = facts.history("alice")
-    assert all(row.known_to is None for row in (*rows.consent, *rows.account))
+    assert all(row.known_to is None for row in rows.consent)
+    assert all(row.known_to is None for row in rows.account)
     assert facts.as_known_at("alice", moment) == fold_subject("alice", history.entries, DEFAULT_TIMELINE)
 
 

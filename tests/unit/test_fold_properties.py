@@ -18,9 +18,10 @@ from consent_history import MICROSECOND, SWITCH, History, audit_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consent_ledger.core.bitemporal import BitemporalFacts, Fact, Known, fold_increments
+from consent_ledger.core.bitemporal import BitemporalFacts, Known, KnownFacts
 from consent_ledger.core.eligibility import decide_eligibility, decide_from_entries
 from consent_ledger.core.facts import consent_on, fold_subject
+from consent_ledger.core.increments import Fact, fold_increments
 from consent_ledger.core.ledger import LedgerEntry
 from consent_ledger.core.policy import DEFAULT_TIMELINE
 
@@ -245,8 +246,12 @@ def test_incremental_facts_equal_a_replay_per_transaction(entries: list[LedgerEn
     assert built.subjects() == replay.subjects() == tuple(subjects_of(entries))
     for subject in built.subjects():
         assert built.history(subject) == replay.history(subject)
-        for row in (*built.history(subject).consent, *built.history(subject).conversations):
+        for row in all_rows(built.history(subject)):
             assert row.known_to is None or row.known_from < row.known_to, "no row is known for no time"
+
+
+def all_rows(history: KnownFacts) -> list[Known[Any]]:
+    return [*history.consent, *history.account, *history.conversations]
 
 
 def _rows_from_deltas(entries: Sequence[LedgerEntry], subject: str) -> set[Known[Any]]:
@@ -258,10 +263,10 @@ def _rows_from_deltas(entries: Sequence[LedgerEntry], subject: str) -> set[Known
     for delta in deltas:
         assert not delta.removed & delta.added
         for fact in delta.removed:
-            rows.add(Known(fact, open_since.pop(fact), delta.recorded_at))
+            rows.add(Known[Any](fact, open_since.pop(fact), delta.recorded_at))
         for fact in delta.added:
             open_since[fact] = delta.recorded_at
-    return rows | {Known(fact, since) for fact, since in open_since.items()}
+    return rows | {Known[Any](fact, since) for fact, since in open_since.items()}
 
 
 @PROPERTY_SETTINGS
@@ -269,9 +274,7 @@ def _rows_from_deltas(entries: Sequence[LedgerEntry], subject: str) -> set[Known
 def test_fold_increments_deltas_rebuild_the_replay(entries: list[LedgerEntry]) -> None:
     replay = replayed(entries)
     for subject in subjects_of(entries):
-        history = replay.history(subject)
-        expected = {*history.consent, *history.account, *history.conversations}
-        assert _rows_from_deltas(entries, subject) == expected
+        assert _rows_from_deltas(entries, subject) == set(all_rows(replay.history(subject)))
 
 
 @PROPERTY_SETTINGS
@@ -286,8 +289,9 @@ def test_intervals_cover_all_time_and_match_the_spec(entries: list[LedgerEntry],
             assert table[0].valid_from is None
             assert table[-1].valid_to is None
             for earlier, later in pairwise(table):
+                assert earlier.valid_to is not None
                 assert earlier.valid_to == later.valid_from
-                assert earlier.valid_from is None or earlier.valid_from < earlier.valid_to  # type: ignore[operator]
+                assert earlier.valid_from is None or earlier.valid_from < earlier.valid_to
         view = sorted((e for e in entries if e.subject_id == subject), key=lambda e: (e.occurred_at, e.seq))
         for at in instants_to_ask(entries):
             assert consent_on(facts, at) == spec_consent_on(view, at)

@@ -2,8 +2,9 @@
 
 A fact row is valid-time data (consent and account intervals, conversation facts); `Known` adds when the
 ledger learnt it (`known_from`, a `recorded_at`) and when it stopped being true (`known_to`). New knowledge
-never edits the past: rows that stop being true are closed, new rows are added. `plan_changes` is the pure
-rule both `BitemporalFacts` (in memory) and the PostgreSQL tables follow, so the two cannot drift.
+never edits the past: rows that stop being true are closed, new rows are added. `plan_changes` is that
+rule as a pure function: `BitemporalFacts` (in memory) applies it, and a store of the same rows elsewhere
+can apply it too, so the two cannot drift.
 
 Several entries of one transaction share a `recorded_at`, and folding them one by one must leave the
 same rows as folding them together (incremental == replay). Hence:
@@ -24,17 +25,14 @@ from consent_ledger.core.facts import (
     ConversationFact,
     Row,
     SubjectFacts,
-    fold_subject,
     none_last,
 )
-from consent_ledger.core.ledger import LedgerEntry
-from consent_ledger.core.policy import PolicyTimeline
 
 F = TypeVar("F", ConsentInterval, AccountInterval, ConversationFact)
-Fact = ConsentInterval | AccountInterval | ConversationFact
 
 
-@dataclass(frozen=True, slots=True)
+# No slots on the generic classes: with slots, Python 3.11 cannot construct `Known[X](...)`.
+@dataclass(frozen=True)
 class Known(Row, Generic[F]):
     """A fact row with its transaction time: known from `known_from` until `known_to` (None = still)."""
 
@@ -59,7 +57,7 @@ class KnownFacts:
     conversations: tuple[Known[ConversationFact], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class TableChanges(Generic[F]):
     """What one transaction does to one table of one subject; every list is sorted."""
 
@@ -242,43 +240,3 @@ class BitemporalFacts:
             tables.conversations.known_at(known_at),
         )
 
-
-@dataclass(frozen=True, slots=True)
-class FactDelta:
-    """The rows one ledger transaction removed from and added to a subject's open facts (all tables)."""
-
-    subject_id: str
-    recorded_at: datetime
-    removed: frozenset[Fact]
-    added: frozenset[Fact]
-
-
-def _rows(facts: SubjectFacts) -> frozenset[Fact]:
-    return frozenset((*facts.consent, *facts.account, *facts.conversations))
-
-
-def fold_increments(
-    subject_id: str,
-    history: Sequence[LedgerEntry],
-    fresh: Sequence[LedgerEntry],
-    timeline: PolicyTimeline,
-) -> tuple[list[FactDelta], SubjectFacts]:
-    """Fold `fresh` entries (seq order) after the already folded `history`: one delta per transaction.
-
-    Entries sharing a `recorded_at` are one transaction and folded together, so no delta holds a row that
-    appears and vanishes within it. Returns the deltas with changes, in order, and the facts after them all.
-    """
-    # Nothing folded yet means no rows at all, not the rows of an empty history.
-    facts = fold_subject(subject_id, history, timeline) if history else SubjectFacts(subject_id, (), (), ())
-    folded = list(history)
-    deltas: list[FactDelta] = []
-    for index, entry in enumerate(fresh):
-        folded.append(entry)
-        if index + 1 < len(fresh) and fresh[index + 1].recorded_at == entry.recorded_at:
-            continue  # the transaction goes on
-        new_facts = fold_subject(subject_id, folded, timeline)
-        old_rows, new_rows = _rows(facts), _rows(new_facts)
-        if old_rows != new_rows:
-            deltas.append(FactDelta(subject_id, entry.recorded_at, old_rows - new_rows, new_rows - old_rows))
-        facts = new_facts
-    return deltas, facts

@@ -122,22 +122,22 @@ def decide_eligibility(
     """SPEC section 5 on the facts of one subject; the first rule that applies decides."""
     policy_version = timeline.in_force(at).policy_version
     account = facts.account_at(at)
-    # Rule 1. No account interval at all: a subject the ledger has never heard of.
+    # Rule 1. No account interval at all is a subject the ledger has never heard of.
     if account is None or not account.registered:
         return _refusal(UNKNOWN_ACCOUNT, policy_version, [])
-    # Rule 2.
+    # Rule 2: never used from the account's deletion on, whatever else holds.
     if account.deleted:
         return _refusal(ACCOUNT_DELETED, policy_version, [account.registered_seq, account.deleted_seq])
-    # Rule 3.
+    # Rule 3: the type at `at` decides; activity while commercial is also kept out by the fold.
     if account.account_type == "commercial":
         return _refusal(COMMERCIAL_ACCOUNT, policy_version, _account_evidence(account))
     history = [f for f in facts.conversations if f.conversation_id == conversation_id and f.occurred_at <= at]
     history.sort()
-    # Rule 4.
+    # Rule 4: never used from the conversation's deletion on, even if resumed later.
     deletions = [f.seq for f in history if f.kind == ConversationKind.DELETED]
     if deletions:
         return _refusal(CONVERSATION_DELETED, policy_version, [*_account_evidence(account), deletions[0]])
-    # Rule 5.
+    # Rule 5: the bases; without one, the first reason that fits.
     consent = _consent_in_view(facts, at, policy_version)
     bases = _bases(consent, history)
     if bases:

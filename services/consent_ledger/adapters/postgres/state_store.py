@@ -83,10 +83,31 @@ async def write_plan(connection: asyncpg.Connection, plan: WritePlan) -> int:
             list(set(subjects)),
         )
     for cls, rows in plan.inserts.items():
+        rows = await _reopen(connection, cls, rows)
         columns = ("subject_id", "fact_hash", *COLUMNS_OF[cls], "known_from", "known_to")
         await connection.copy_records_to_table(TABLE_OF[cls], columns=columns, records=rows)
         touched += len(rows)
     return touched
+
+
+async def _reopen(connection: asyncpg.Connection, cls: type[Any], rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Extend a row closed at exactly the time a new version of the same fact starts, instead of adding one.
+
+    A ledger transaction split over two processor batches closes a fact in the first and finds it again in
+    the second: one row, as a replay that sees the whole transaction at once would write.
+    """
+    reopened = await connection.fetch(
+        f"""UPDATE {TABLE_OF[cls]} t SET known_to = v.known_to
+            FROM unnest($1::text[], $2::bytea[], $3::timestamptz[], $4::timestamptz[])
+                 AS v(subject_id, fact_hash, known_from, known_to)
+            WHERE t.subject_id = v.subject_id AND t.fact_hash = v.fact_hash AND t.known_to = v.known_from
+            RETURNING t.subject_id, t.fact_hash, v.known_from""",
+        [r[0] for r in rows], [r[1] for r in rows], [r[-2] for r in rows], [r[-1] for r in rows],
+    )
+    if not reopened:
+        return rows
+    extended = {(r["subject_id"], bytes(r["fact_hash"]), r["known_from"]) for r in reopened}
+    return [r for r in rows if (r[0], r[1], r[-2]) not in extended]
 
 
 async def lock_fold_state(connection: asyncpg.Connection, subjects: Sequence[str]) -> dict[str, int]:
