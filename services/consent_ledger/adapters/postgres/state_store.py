@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import astuple, dataclass, field, fields
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -23,11 +24,19 @@ TABLE_OF: Mapping[type[Any], str] = {
     ConversationFact: "conversation_facts",
 }
 COLUMNS_OF: Mapping[type[Any], tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in TABLE_OF}
+# attrgetter, not dataclasses.astuple: astuple deep-copies every value and dominated the fold's profile.
+_VALUES_OF: Mapping[type[Any], Callable[[Any], tuple[Any, ...]]] = {
+    cls: operator.attrgetter(*columns) for cls, columns in COLUMNS_OF.items()
+}
+
+
+def fact_values(fact: Fact) -> tuple[Any, ...]:
+    return _VALUES_OF[type(fact)](fact)
 
 
 def fact_hash(fact: Fact) -> bytes:
     """Identity of a fact's content: the open version of a fact is unique per subject."""
-    values = [format_timestamp(v) if isinstance(v, datetime) else v for v in astuple(fact)]
+    values = [format_timestamp(v) if isinstance(v, datetime) else v for v in fact_values(fact)]
     return hashlib.sha256(canonical_json([type(fact).__name__, *values])).digest()[:16]
 
 
@@ -62,7 +71,7 @@ def plan_writes(changes: Iterable[FactChange]) -> WritePlan:
 
 
 def _row(subject_id: str, fact: Fact, known_from: datetime, known_to: datetime | None) -> tuple[Any, ...]:
-    return (subject_id, fact_hash(fact), *astuple(fact), known_from, known_to)
+    return (subject_id, fact_hash(fact), *fact_values(fact), known_from, known_to)
 
 
 async def write_plan(connection: asyncpg.Connection, plan: WritePlan) -> int:
