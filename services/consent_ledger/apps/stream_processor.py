@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import OrderedDict
@@ -62,10 +63,15 @@ class SubjectFolder:
         self.cache = HistoryCache()
         self.pool: asyncpg.Pool | None = None
         self.folded_seq = 0
+        self._starting = asyncio.Lock()
 
-    async def start(self) -> None:
-        assert self.settings.database_url is not None
-        self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=2)
+    async def start(self) -> asyncpg.Pool:
+        """Open the pool once; the agent may get its first batch before any start-up task has run."""
+        async with self._starting:
+            if self.pool is None:
+                assert self.settings.database_url is not None
+                self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=2)
+            return self.pool
 
     async def stop(self) -> None:
         if self.pool is not None:
@@ -73,7 +79,7 @@ class SubjectFolder:
 
     async def fold_batch(self, messages: Sequence[tuple[int, bytes]]) -> dict[str, SubjectFacts]:
         """Apply (partition, message) pairs in one transaction; returns the new facts of touched subjects."""
-        assert self.pool is not None
+        pool = self.pool or await self.start()
         entries: dict[str, list[LedgerEntry]] = {}
         ticks: dict[int, int] = {}
         for partition, raw in messages:
@@ -83,7 +89,7 @@ class SubjectFolder:
             elif message.subject_id is not None:
                 entries.setdefault(message.subject_id, []).append(message)
         touched: dict[str, SubjectFacts] = {}
-        async with self.pool.acquire() as connection, connection.transaction():
+        async with pool.acquire() as connection, connection.transaction():
             folded = await state_store.lock_fold_state(connection, list(entries))
             histories = await self._histories(connection, folded, list(entries))
             changes = []
@@ -173,10 +179,17 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.agent(feed, concurrency=1)
     async def fold(stream: faust.StreamT[Any]) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_SECONDS):  # type: ignore[attr-defined]
-            touched = await folder.fold_batch([(event.message.partition, event.value) for event in events])
-            for subject_id, facts in touched.items():
-                subject_state[subject_id.encode()] = json.dumps(current_state(facts)).encode()
+        try:
+            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_SECONDS):  # type: ignore[attr-defined]
+                touched = await folder.fold_batch([(event.message.partition, event.value) for event in events])
+                for subject_id, facts in touched.items():
+                    subject_state[subject_id.encode()] = json.dumps(current_state(facts)).encode()
+        except Exception as error:
+            # A crashed agent would leave a live worker folding nothing: stop the worker so that it restarts
+            # (nothing is lost: offsets of the failed batch were not committed, and folding is idempotent).
+            log.exception("folding failed; stopping this worker")
+            await app.crash(error)
+            raise
 
     @app.timer(interval=1.0)
     async def report_lag() -> None:

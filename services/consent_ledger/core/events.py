@@ -145,8 +145,12 @@ def _text(obj: Mapping[str, Any], name: str, *, max_length: int = MAX_TEXT_LENGT
     return value
 
 
-def event_from_json(obj: Mapping[str, Any]) -> Event:
-    """Validate the JSON form of an event (envelope fields at top level, body under `body`)."""
+def event_from_json(obj: Mapping[str, Any], *, occurred_at: datetime | None = None) -> Event:
+    """Validate the JSON form of an event (envelope fields at top level, body under `body`).
+
+    A decoder that already holds `occurred_at` as an aware datetime (Avro's timestamp-micros) passes it,
+    skipping a text round trip; every other rule is checked the same way for both wire forms.
+    """
     if not isinstance(obj, Mapping):
         raise InvalidEvent(RejectReason.INVALID_FIELD, "an event must be a JSON object")
     raw_type = _text(obj, "event_type")
@@ -161,10 +165,11 @@ def event_from_json(obj: Mapping[str, Any]) -> Event:
     except ValueError:
         raise InvalidEvent(RejectReason.INVALID_FIELD, "event_id must be a UUID", "event_id") from None
     subject_id = _text(obj, "subject_id", max_length=MAX_SUBJECT_ID_LENGTH)
-    try:
-        occurred_at = parse_timestamp(_text(obj, "occurred_at"))
-    except ValueError as error:
-        raise InvalidEvent(RejectReason.INVALID_FIELD, str(error), "occurred_at") from None
+    if occurred_at is None:
+        try:
+            occurred_at = parse_timestamp(_text(obj, "occurred_at"))
+        except ValueError as error:
+            raise InvalidEvent(RejectReason.INVALID_FIELD, str(error), "occurred_at") from None
     producer = _text(obj, "producer")
     raw_body = obj.get("body", {})
     if raw_body is None:

@@ -97,9 +97,13 @@ def canonical_json(value: Any) -> bytes:
 
 def canonical_bytes(seq: int, recorded_at: datetime, content: EntryContent) -> bytes:
     """The bytes an entry's hash covers; README section "Verifying the chain" shows how to recompute them."""
+    return _canonical(seq, format_timestamp(recorded_at), content)
+
+
+def _canonical(seq: int, recorded_at_text: str, content: EntryContent) -> bytes:
     document = content.as_json()
     document["seq"] = seq
-    document["recorded_at"] = format_timestamp(recorded_at)
+    document["recorded_at"] = recorded_at_text
     return canonical_json(document)
 
 
@@ -112,10 +116,11 @@ def append_entries(
     previous_hash: bytes, previous_seq: int, recorded_at: datetime, contents: Iterable[EntryContent]
 ) -> list[LedgerEntry]:
     """Give each content the next seq and chain it after `previous_hash`, all at one transaction time."""
+    recorded_at_text = format_timestamp(recorded_at)  # one transaction, one timestamp: format it once
     entries: list[LedgerEntry] = []
     for offset, content in enumerate(contents, start=1):
         seq = previous_seq + offset
-        previous_hash = chain_hash(previous_hash, seq, recorded_at, content)
+        previous_hash = hashlib.sha256(previous_hash + _canonical(seq, recorded_at_text, content)).digest()
         entries.append(LedgerEntry(seq, recorded_at, content, previous_hash))
     return entries
 

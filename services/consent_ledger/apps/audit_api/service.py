@@ -118,8 +118,14 @@ class EligibilityService:
                 known_at = await self.recorded_at_of(connection, watermark)
             known_at = known_at or now
             if watermark is None:
-                watermark = await self.watermark_at(connection, known_at)
-            await self._wait_for_state(connection, watermark)
+                row = await connection.fetchrow(
+                    query("state", "watermark_and_folded"), known_at, self.app_id, self.partitions
+                )
+                watermark = int(row["watermark"])
+                if row["folded"] < watermark:
+                    await self._wait_for_state(connection, watermark)
+            else:
+                await self._wait_for_state(connection, watermark)
             items = [(q.subject_id, q.conversation_id) for q in questions]
             facts = await state_store.facts_at(connection, items, at, known_at)
             decisions = [

@@ -63,3 +63,10 @@ FROM (SELECT subject_id, max(seq) AS max_seq FROM ledger WHERE subject_id IS NOT
 FULL JOIN subject_fold_state s ON s.subject_id = l.subject_id
 WHERE l.max_seq IS DISTINCT FROM s.folded_seq
 ORDER BY 1 LIMIT $1;
+
+-- name: watermark_and_folded
+-- One round trip for the two numbers every question needs: what it may see, and what is folded.
+SELECT coalesce((SELECT seq FROM ledger WHERE recorded_at <= $1 ORDER BY recorded_at DESC, seq DESC LIMIT 1), 0)
+         AS watermark,
+       (SELECT CASE WHEN count(*) >= $3 THEN min(watermark_seq) ELSE 0 END
+          FROM processor_progress WHERE app_id = $2) AS folded;
