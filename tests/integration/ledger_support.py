@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -163,3 +164,19 @@ async def assert_ledger_sound(
     verifier = await verify_chain(database_url)
     assert verifier.first_break is None, f"chain broken: {verifier.first_break}"
     assert verifier.checked == len(rows)
+
+
+async def run_cli(*args: str, env: dict[str, str], timeout_s: float = 60) -> tuple[int, str]:
+    """Run `consent-ledger ARGS` as a subprocess; its exit code and combined output."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consent_ledger", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout_s)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, output.decode()

@@ -9,7 +9,6 @@ import dataclasses
 import io
 import os
 import random
-import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ from ledger_support import (
     ensure_event_topics,
     make_event,
     offsets_reached,
+    run_cli,
     send_raw,
     stored_offsets,
     subjects,
@@ -429,18 +429,7 @@ def _cli_env(settings: Settings) -> dict[str, str]:
 
 
 async def run_verify(settings: Settings) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consent_ledger", "verify", env=_cli_env(settings),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+    return await run_cli("verify", env=_cli_env(settings))
 
 
 async def test_verify_names_the_tampered_seq(settings: Settings, admin_db: asyncpg.Connection) -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import difflib
 import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from ledger_support import run_cli
 
 from consent_ledger.adapters.embedded import EmbeddedPostgres
 from consent_ledger.adapters.postgres.migrations import MigrationError, available_migrations, migrate
@@ -125,18 +124,7 @@ async def test_migrating_an_empty_database_gives_the_expected_schema(postgres: E
 async def run_cli_migrate(url: str) -> tuple[int, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("CONSENT_LEDGER_")}
     env["CONSENT_LEDGER_ADMIN_DATABASE_URL"] = url
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consent_ledger", "migrate", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+    return await run_cli("migrate", env=env)
 
 
 async def test_migrating_twice_applies_nothing_the_second_time(postgres: EmbeddedPostgres) -> None:
