@@ -7,6 +7,9 @@ from prometheus_client import Counter, Gauge, Histogram
 EVENTS_CONSUMED = Counter("consent_ledger_events_consumed_total", "Messages read from the event topics")
 ENTRIES_APPENDED = Counter("consent_ledger_entries_appended_total", "Entries appended to the ledger")
 DUPLICATES = Counter("consent_ledger_duplicates_total", "Redelivered events stored once (same event_id and body)")
+REDELIVERED = Counter(
+    "consent_ledger_redelivered_total", "Messages read again after a rebalance, below the stored offsets: skipped"
+)
 EVENTS_REJECTED = Counter(
     "consent_ledger_events_rejected_total", "Inputs sent to the rejected store", ["reason"]
 )

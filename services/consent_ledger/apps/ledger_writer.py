@@ -168,6 +168,7 @@ class LedgerWriter:
         metrics.EVENTS_CONSUMED.inc(len(records))
         metrics.ENTRIES_APPENDED.inc(len(outcome.appended))
         metrics.DUPLICATES.inc(outcome.duplicates)
+        metrics.REDELIVERED.inc(outcome.already_committed)
         for rejection in outcome.rejected:
             metrics.EVENTS_REJECTED.labels(rejection.reason.value).inc()
         metrics.APPEND_BATCH_SIZE.observe(len(records))
