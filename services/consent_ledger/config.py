@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     topic_replication: int = Field(1, ge=1, description="replication factor of topics the service creates")
     writer_group: str = Field("consent-ledger-writer", description="consumer group of the ledger writers")
     processor_app_id: str = Field("consent-ledger-processor", description="faust app id of the processors")
+    processor_session_timeout_seconds: float = Field(
+        60.0, gt=0, description="a silent processor worker leaves the group (its partitions move) after this long"
+    )
     writer_batch_max: int = Field(2000, ge=1, description="most records appended in one transaction")
     max_future_skew_seconds: float = Field(
         300.0, ge=0, description="how far occurred_at may lie ahead of the ledger clock"

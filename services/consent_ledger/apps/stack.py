@@ -199,15 +199,17 @@ def _announce(stack: Stack, live: Settings) -> None:
 
 def _run_demo(stack: Stack, live: Settings) -> None:
     first, late = demo_history(), late_events()
+    base = stack.wait_ready()["ledger_head"]  # the entries already there, such as the policy.published one
     report = asyncio.run(publish_events(live, first))
     say(f"\ndemo: published {report.sent} events (first wave)")
-    ready = stack.wait_ready(min_head=len(first))
+    ready = stack.wait_ready(min_head=base + len(first))
     _, head = stack.get("/v1/ledger/head")
     known_before_late = head["recorded_at"]
     report = asyncio.run(publish_events(live, late))
     say(f"demo: published {report.sent} late event (frank's opt-out of 1 October, reported late)")
-    ready = stack.wait_ready(min_head=len(first) + len(late))
-    say(f"\nthe ledger: {ready['ledger_head']} entries (hash of the first wave's head: {head['entry_hash'][:16]}...)")
+    ready = stack.wait_ready(min_head=base + len(first) + len(late))
+    say(f"\nthe ledger: {ready['ledger_head']} entries, the policy timeline and the events "
+        f"(head after the first wave: seq {head['seq']}, hash {head['entry_hash'][:16]}...)")
     for subject in sorted({e.subject_id for e in first}):
         _, timeline = stack.get(f"/v1/subjects/{subject}/timeline")
         for entry in timeline["entries"]:

@@ -154,6 +154,10 @@ def build_app(settings: Settings) -> faust.App:
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
         consumer_auto_offset_reset="earliest",
+        # How soon a killed worker's partitions move to the others. Some brokers (the embedded Tansu) also hold
+        # every group join for half of it, so a worker starting or joining waits that long before folding.
+        broker_session_timeout=settings.processor_session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, settings.processor_session_timeout_seconds / 3),
         producer_acks=-1,
         web_enabled=False,
         datadir=str(settings.data_dir / "faust"),
