@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -11,8 +12,12 @@ import pytest
 
 from consent_ledger.adapters.kafka.ledger_feed import entry_message, tick_message
 from consent_ledger.adapters.policy_files import load_timeline
+from consent_ledger.adapters.postgres.connection import connect
+from consent_ledger.adapters.postgres.ledger_store import Candidate, append
+from consent_ledger.adapters.postgres.state_store import TABLE_OF, plan_writes
 from consent_ledger.apps.stream_processor import SubjectFolder
 from consent_ledger.config import Settings
+from consent_ledger.core.increments import fold_increments
 from consent_ledger.core.ledger import EntryContent, LedgerEntry
 
 T0 = datetime(2025, 9, 1, tzinfo=UTC)
@@ -24,20 +29,32 @@ ROWS = {
 }
 
 
-def ledger(subject: str) -> list[LedgerEntry]:
+async def ledger(connection: asyncpg.Connection, subject: str) -> list[LedgerEntry]:
     """Three transactions; the second holds a late opt-out and a resume, so facts close and reopen within it."""
-    def entry(seq: int, recorded: int, event_type: str, day: int, **body: str) -> LedgerEntry:
-        content = EntryContent(uuid.uuid4(), event_type, subject, T0 + timedelta(days=day), "test", body)
-        return LedgerEntry(seq, T0 + timedelta(days=100, seconds=recorded), content, bytes(32))
+    def content(event_type: str, day: int, **body: str) -> Candidate:
+        return Candidate(EntryContent(uuid.uuid4(), event_type, subject, T0 + timedelta(days=day), "test", body))
 
-    return [
-        entry(1, 1, "account.registered", 0, account_type="consumer"),
-        entry(2, 1, "conversation.started", 40, conversation_id="c1"),
-        entry(3, 2, "consent.changed", 35, choice="opt_out", source="support"),
-        entry(4, 2, "consent.changed", 36, choice="opt_in", source="settings"),
-        entry(5, 2, "conversation.resumed", 45, conversation_id="c1"),
-        entry(6, 3, "safety.flagged", 50, conversation_id="c1", flag_id="f", category="x"),
+    transactions = [
+        [content("account.registered", 0, account_type="consumer"),
+         content("conversation.started", 40, conversation_id="c1")],
+        [content("consent.changed", 35, choice="opt_out", source="support"),
+         content("consent.changed", 36, choice="opt_in", source="settings"),
+         content("conversation.resumed", 45, conversation_id="c1")],
+        [content("safety.flagged", 50, conversation_id="c1", flag_id="f", category="x")],
     ]
+    entries: list[LedgerEntry] = []
+    for candidates in transactions:
+        async with connection.transaction():
+            entries += (await append(connection, candidates)).appended
+    return entries
+
+
+def replayed(entries: list[LedgerEntry]) -> dict[str, list[tuple[object, ...]]]:
+    """The rows a compliance replay writes for these entries: the same fold, all at once."""
+    assert entries[0].subject_id is not None
+    changes, _ = fold_increments(entries[0].subject_id, [], entries, load_timeline(None))
+    inserts = plan_writes(changes).inserts
+    return {TABLE_OF[cls]: sorted((row[2:] for row in inserts.get(cls, [])), key=repr) for cls in TABLE_OF}
 
 
 async def rows(connection: asyncpg.Connection, subject: str) -> dict[str, list[tuple[object, ...]]]:
@@ -48,30 +65,56 @@ async def rows(connection: asyncpg.Connection, subject: str) -> dict[str, list[t
     }
 
 
+@pytest.fixture
+async def ledger_db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """The service role with the service's JSON codecs, to append entries as the writer does."""
+    assert settings.database_url is not None
+    connection = await connect(settings.database_url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
 @pytest.mark.parametrize("seed", range(6))
 async def test_any_batching_and_redelivery_gives_the_rows_of_one_fold(
-    settings: Settings, service_db: asyncpg.Connection, seed: int
+    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection, seed: int
 ) -> None:
-    timeline = load_timeline(None)
-    whole = SubjectFolder(settings, timeline)
-    split = SubjectFolder(settings, timeline)
-    await whole.start()
-    await split.start()
+    folder = SubjectFolder(settings, load_timeline(None))
+    await folder.start()
     try:
-        await whole.fold_batch([(0, entry_message(e)) for e in ledger("whole")])
-        messages = [(0, entry_message(e)) for e in ledger("split")]
+        entries = await ledger(ledger_db, "split")
+        messages = [(0, entry_message(e)) for e in entries]
         rng = random.Random(seed)
         cuts = sorted(rng.sample(range(1, len(messages)), 3))
         # At-least-once: after a restart, delivery resumes a little before where it had got to.
         batches = [messages[max(0, a - rng.randrange(3)):b]
                    for a, b in zip([0, *cuts], [*cuts, len(messages)], strict=True)]
         for batch in batches:
-            await split.fold_batch(batch)
-        await split.fold_batch([(0, tick_message(6))])
+            await folder.fold_batch(batch)
+        await folder.fold_batch([(0, tick_message(entries[-1].seq, 1))])
     finally:
-        await whole.stop()
-        await split.stop()
-    expected = await rows(service_db, "whole")
+        await folder.stop()
+    expected = replayed(entries)
     assert all(expected.values()), expected
     assert await rows(service_db, "split") == expected, f"batches {[len(b) for b in batches]}"
-    assert await service_db.fetchval("SELECT watermark_seq FROM processor_progress WHERE partition = 0") == 6
+    progress = await service_db.fetchval("SELECT watermark_seq FROM processor_progress WHERE partition = 0")
+    assert progress == entries[-1].seq
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_entries_lost_by_the_feed_are_folded_from_the_ledger(
+    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection, seed: int
+) -> None:
+    """faust may drop feed messages while it recovers a partition: the tick still brings every entry in."""
+    folder = SubjectFolder(settings, load_timeline(None))
+    await folder.start()
+    try:
+        lossy = await ledger(ledger_db, "lossy")
+        rng = random.Random(seed)
+        delivered = [e for e in lossy if rng.random() < 0.5]  # half of the messages never arrive
+        await folder.fold_batch([(0, entry_message(e)) for e in delivered])
+        await folder.fold_batch([(0, tick_message(lossy[-1].seq, 1))])
+    finally:
+        await folder.stop()
+    assert await rows(service_db, "lossy") == replayed(lossy), [e.seq for e in delivered]

@@ -69,7 +69,10 @@ class OutboxPublisher:
         ]
         last = entries[-1].seq
         partitions = await producer.partitions_for(self.topic)
-        sends += [await producer.send(self.topic, value=tick_message(last), partition=p) for p in sorted(partitions)]
+        sends += [
+            await producer.send(self.topic, value=tick_message(last, len(partitions)), partition=p)
+            for p in sorted(partitions)
+        ]
         await asyncio.gather(*sends)
         await connection.execute(query("ledger", "save_outbox_cursor"), CURSOR_NAME, last)
         metrics.OUTBOX_PUBLISHED.inc(len(entries))

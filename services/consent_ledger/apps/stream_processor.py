@@ -14,7 +14,7 @@ import asyncpg
 import faust
 
 from consent_ledger.adapters import metrics
-from consent_ledger.adapters.kafka.ledger_feed import WatermarkTick, parse_feed_message
+from consent_ledger.adapters.kafka.ledger_feed import WatermarkTick, parse_feed_message, partition_of
 from consent_ledger.adapters.policy_files import load_timeline
 from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.connection import create_pool
@@ -78,29 +78,33 @@ class SubjectFolder:
             await self.pool.close()
 
     async def fold_batch(self, messages: Sequence[tuple[int, bytes]]) -> dict[str, SubjectFacts]:
-        """Apply (partition, message) pairs in one transaction; returns the new facts of touched subjects."""
+        """Apply (partition, message) pairs in one transaction; returns the new facts of touched subjects.
+
+        The feed says which subjects have new entries and how far; the entries themselves are read from the
+        ledger, so a feed message lost in transit (faust can drop some while it recovers a partition) leaves
+        no hole. A watermark tick is checked against the ledger before it is recorded.
+        """
         pool = self.pool or await self.start()
-        entries: dict[str, list[LedgerEntry]] = {}
-        ticks: dict[int, int] = {}
+        announced: dict[str, int] = {}
+        ticks: dict[int, WatermarkTick] = {}
         for partition, raw in messages:
             message = parse_feed_message(raw)
             if isinstance(message, WatermarkTick):
-                ticks[partition] = max(ticks.get(partition, 0), message.seq)
+                if partition not in ticks or ticks[partition].seq < message.seq:
+                    ticks[partition] = message
             elif message.subject_id is not None:
-                entries.setdefault(message.subject_id, []).append(message)
+                announced[message.subject_id] = max(announced.get(message.subject_id, 0), message.seq)
         touched: dict[str, SubjectFacts] = {}
         async with pool.acquire() as connection, connection.transaction():
-            folded = await state_store.lock_fold_state(connection, list(entries))
+            for subject_id, last_seq in (await self._promised_by_ticks(connection, ticks)).items():
+                announced[subject_id] = max(announced.get(subject_id, 0), last_seq)
+            folded = await state_store.lock_fold_state(connection, list(announced))
+            behind = {s: upto for s, upto in announced.items() if upto > folded.get(s, 0)}
+            entries = await self._entries_to_fold(connection, behind, folded)
             histories = await self._histories(connection, folded, list(entries))
             changes = []
             new_state: dict[str, tuple[int, datetime]] = {}
-            for subject_id, new_entries in entries.items():
-                fresh = sorted(
-                    (e for e in new_entries if e.seq > folded.get(subject_id, 0)), key=lambda e: e.seq
-                )
-                fresh = [e for i, e in enumerate(fresh) if i == 0 or e.seq != fresh[i - 1].seq]
-                if not fresh:
-                    continue
+            for subject_id, fresh in entries.items():
                 history = histories[subject_id]
                 subject_changes, facts = fold_increments(subject_id, history, fresh, self.timeline)
                 changes.extend(subject_changes)
@@ -109,14 +113,50 @@ class SubjectFolder:
                 touched[subject_id] = facts
             await state_store.write_plan(connection, state_store.plan_writes(changes))
             await state_store.save_fold_state(connection, new_state)
-            await state_store.save_progress(connection, self.settings.processor_group_id, ticks)
+            await state_store.save_progress(
+                connection, self.settings.processor_group_id, {p: t.seq for p, t in ticks.items()}
+            )
         for subject_id, (seq, _) in new_state.items():
             self.cache.put(subject_id, seq, histories[subject_id])
-        folded_now = sum(len(e) for e in entries.values())
-        metrics.ENTRIES_FOLDED.inc(folded_now)
+        metrics.ENTRIES_FOLDED.inc(sum(len(e) for e in entries.values()))
         if ticks:
-            self.folded_seq = max(self.folded_seq, *ticks.values())
+            self.folded_seq = max(self.folded_seq, *(t.seq for t in ticks.values()))
         return touched
+
+    async def _entries_to_fold(
+        self, connection: asyncpg.Connection, behind: dict[str, int], folded: dict[str, int]
+    ) -> dict[str, list[LedgerEntry]]:
+        subjects = sorted(behind)
+        rows = await connection.fetch(
+            query("state", "entries_to_fold"), subjects, [folded.get(s, 0) for s in subjects],
+            [behind[s] for s in subjects],
+        )
+        entries: dict[str, list[LedgerEntry]] = {}
+        for row in rows:
+            entry = entry_from_row(row)
+            assert entry.subject_id is not None
+            entries.setdefault(entry.subject_id, []).append(entry)
+        return entries
+
+    async def _promised_by_ticks(
+        self, connection: asyncpg.Connection, ticks: dict[int, WatermarkTick]
+    ) -> dict[str, int]:
+        """Subjects of each ticked partition with entries since its last watermark: all must be folded."""
+        if not ticks:
+            return {}
+        rows = await connection.fetch(
+            query("state", "progress_of"), self.settings.processor_group_id, sorted(ticks)
+        )
+        previous = {row["partition"]: row["watermark_seq"] for row in rows}
+        promised: dict[str, int] = {}
+        for partition, tick in ticks.items():
+            after = previous.get(partition, 0)
+            if tick.partitions == 0 or tick.seq <= after:
+                continue
+            for row in await connection.fetch(query("state", "subjects_between"), after, tick.seq):
+                if partition_of(row["subject_id"], tick.partitions) == partition:
+                    promised[row["subject_id"]] = row["last_seq"]
+        return promised
 
     async def _histories(
         self, connection: asyncpg.Connection, folded: dict[str, int], subjects: list[str]

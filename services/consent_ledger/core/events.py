@@ -118,7 +118,10 @@ def parse_timestamp(text: str) -> datetime:
     if not _RFC3339.match(text):
         raise ValueError(f"not an RFC 3339 timestamp with a UTC offset: {text!r}")
     parsed = datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before the year 1 in UTC
+        raise ValueError(f"not an instant between the years 1 and 9999 in UTC: {text!r}") from None
 
 
 def format_timestamp(moment: datetime) -> str:

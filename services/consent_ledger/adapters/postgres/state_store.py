@@ -120,6 +120,8 @@ async def _reopen(connection: asyncpg.Connection, cls: type[Any], rows: list[tup
 
 
 async def lock_fold_state(connection: asyncpg.Connection, subjects: Sequence[str]) -> dict[str, int]:
+    """Lock the subjects' fold state for this transaction (new subjects too); 0 where nothing is folded yet."""
+    await connection.execute(query("state", "claim_fold_state"), sorted(subjects))
     rows = await connection.fetch(query("state", "lock_fold_state"), sorted(subjects))
     return {row["subject_id"]: row["folded_seq"] for row in rows}
 

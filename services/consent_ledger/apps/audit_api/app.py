@@ -11,7 +11,9 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,13 +42,18 @@ AUDITING = frozenset({AUDITOR, ADMIN})
 RECORDING = frozenset({PIPELINE, ADMIN})
 ADMINISTERING = frozenset({ADMIN})
 
+# PostgreSQL text cannot hold NUL: an id with one is malformed (422), never a query that fails (500).
+NO_NUL = r"^[^\x00]*$"
+# ids of rejections are bigints: a larger `after` is malformed, not a query that fails.
+MAX_BIGINT = 2**63 - 1
+
 bearer = HTTPBearer(auto_error=False, description="a token configured for the auditor, pipeline or admin role")
 
 
 class Item(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    subject_id: str = Field(min_length=1, max_length=MAX_SUBJECT_ID_LENGTH)
-    conversation_id: str = Field(min_length=1, max_length=256)
+    subject_id: str = Field(min_length=1, max_length=MAX_SUBJECT_ID_LENGTH, pattern=NO_NUL)
+    conversation_id: str = Field(min_length=1, max_length=256, pattern=NO_NUL)
 
 
 class BatchRequest(BaseModel):
@@ -146,6 +153,13 @@ def create_app(settings: Settings) -> FastAPI:
             status_code=503, headers={"Retry-After": "1"},
         )
 
+    @app.exception_handler(RequestValidationError)
+    async def malformed(_request: Request, error: RequestValidationError) -> JSONResponse:
+        # What is wrong and where, never the value sent: FastAPI's default echoes it (`input`), which would put
+        # the subject ids of a malformed question into the answer, and differ between a known and an unknown one.
+        detail = [{key: value for key, value in e.items() if key != "input"} for e in error.errors()]
+        return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
+
     @app.exception_handler(NotFound)
     async def not_found(_request: Request, error: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=404)
@@ -164,8 +178,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/eligibility", dependencies=[Depends(allow(ANSWERING))])
     async def eligibility(
         svc: Service,
-        subject_id: Annotated[str, Query(min_length=1, max_length=MAX_SUBJECT_ID_LENGTH)],
-        conversation_id: Annotated[str, Query(min_length=1, max_length=256)],
+        subject_id: Annotated[str, Query(min_length=1, max_length=MAX_SUBJECT_ID_LENGTH, pattern=NO_NUL)],
+        conversation_id: Annotated[str, Query(min_length=1, max_length=256, pattern=NO_NUL)],
         at: str | None = None,
         known_at: str | None = None,
     ) -> Response:
@@ -187,7 +201,9 @@ def create_app(settings: Settings) -> FastAPI:
                           "results": results})
 
     @app.get("/v1/subjects/{subject_id}/timeline", dependencies=[Depends(allow(AUDITING))])
-    async def timeline(svc: Service, subject_id: str, known_at: str | None = None) -> dict[str, Any]:
+    async def timeline(
+        svc: Service, subject_id: Annotated[str, Path(pattern=NO_NUL)], known_at: str | None = None
+    ) -> dict[str, Any]:
         """Consent intervals and the subject's ledger entries, as known at `known_at`."""
         cut = instant(known_at, "known_at")
         async with svc.pool.acquire() as connection:
@@ -230,7 +246,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/rejections", dependencies=[Depends(allow(ADMINISTERING))])
     async def rejections(
-        svc: Service, after: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+        svc: Service, after: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         """Rejected inputs, oldest first, after the id `after`; `next_after` pages on."""
         async with svc.pool.acquire() as connection:

@@ -1,6 +1,15 @@
 -- Reads and writes of the derived state tables (see migrations/0002_state.sql).
 
+-- name: claim_fold_state
+-- A row for every subject of the batch before locking: FOR UPDATE locks only rows that exist, so two workers
+-- folding a new subject at once (a rebalance redelivers to the new owner what the old one is still folding)
+-- would both fold it from nothing. Inserting waits for the other's uncommitted row, in subject order.
+INSERT INTO subject_fold_state (subject_id, folded_seq, recorded_at)
+SELECT subject_id, 0, '-infinity' FROM unnest($1::text[]) AS s(subject_id) ORDER BY subject_id
+ON CONFLICT (subject_id) DO NOTHING;
+
 -- name: lock_fold_state
+-- A statement of its own after claim_fold_state: it sees (and locks) the rows another worker committed meanwhile.
 SELECT subject_id, folded_seq FROM subject_fold_state WHERE subject_id = ANY($1::text[]) ORDER BY subject_id
 FOR UPDATE;
 
@@ -70,3 +79,18 @@ SELECT coalesce((SELECT seq FROM ledger WHERE recorded_at <= $1 ORDER BY recorde
          AS watermark,
        (SELECT CASE WHEN count(*) >= $3 THEN min(watermark_seq) ELSE 0 END
           FROM processor_progress WHERE app_id = $2) AS folded;
+
+-- name: subjects_between
+-- The subjects with entries in (a partition's last watermark, its new one]: what a tick promises is folded.
+SELECT subject_id, max(seq) AS last_seq FROM ledger
+WHERE seq > $1 AND seq <= $2 AND subject_id IS NOT NULL GROUP BY subject_id;
+
+-- name: progress_of
+SELECT partition, watermark_seq FROM processor_progress WHERE app_id = $1 AND partition = ANY($2::integer[]);
+
+-- name: entries_to_fold
+-- Exactly the entries each subject lacks: (its folded seq, the highest seq the feed announced].
+SELECT l.seq, l.recorded_at, l.event_id, l.event_type, l.subject_id, l.occurred_at, l.producer, l.body, l.entry_hash
+FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS q(subject_id, after_seq, upto_seq)
+JOIN ledger l ON l.subject_id = q.subject_id AND l.seq > q.after_seq AND l.seq <= q.upto_seq
+ORDER BY l.seq;
