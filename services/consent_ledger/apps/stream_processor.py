@@ -36,7 +36,7 @@ BATCH_WITHIN_SECONDS = 0.05
 class HistoryCache:
     """Recently folded subjects' ledger entries, bounded; a miss reloads them from the ledger index."""
 
-    def __init__(self, capacity: int = 50_000) -> None:
+    def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[str, tuple[int, list[LedgerEntry]]] = OrderedDict()
 
