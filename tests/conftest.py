@@ -81,6 +81,9 @@ def settings(broker: EmbeddedBroker, postgres: EmbeddedPostgres, database: str, 
         pipeline_tokens="pipeline-token",  # type: ignore[arg-type]
         admin_tokens="admin-token",  # type: ignore[arg-type]
         api_port=0,
+        # The Tansu broker holds a group join for half the session timeout: 10 s instead of faust's 60 s
+        # makes every test that starts a stream processor about 25 s faster.
+        processor_session_timeout_seconds=10.0,
         data_dir=tmp_path,
         _env_file=None,  # type: ignore[call-arg]
     )
