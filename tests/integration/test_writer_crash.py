@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -81,6 +82,21 @@ class WriterProcess:
                 raise AssertionError(f"the writer did not exit within {timeout_s:.0f}s; see {self.tail()}")
             await asyncio.sleep(0.05)
         return self.process.returncode
+
+    async def run_to_the_end(
+        self, service_db: asyncpg.Connection, settings: Settings, ends: dict[tuple[str, int], int],
+        describe: Callable[[], Awaitable[str]],
+    ) -> None:
+        """Start, append up to the end of every partition, then stop cleanly with SIGTERM (exit code 0)."""
+        self.start()
+
+        async def caught_up() -> bool:
+            assert self.running(), f"the writer exited on its own; {self.tail()}"
+            return offsets_reached(await stored_offsets(service_db, settings.writer_group_id), ends)
+
+        await wait_until(caught_up, WAIT_S, describe)
+        self.signal(signal.SIGTERM)
+        assert await self.wait(60) == 0, self.tail()
 
     def kill(self) -> None:
         """Leave nothing running, whatever happened."""
@@ -176,15 +192,7 @@ async def test_sigkill_mid_batch_loses_and_duplicates_nothing(
         assert all(count < len(expected) for _, count, _ in at_kill)
 
         # The last run: to the end of every partition, then a clean stop.
-        writer.start()
-
-        async def caught_up() -> bool:
-            assert writer.running(), f"the writer exited on its own; {writer.tail()}"
-            return offsets_reached(await stored_offsets(service_db, settings.writer_group_id), ends)
-
-        await wait_until(caught_up, WAIT_S, describe)
-        writer.signal(signal.SIGTERM)
-        assert await writer.wait(60) == 0, writer.tail()
+        await writer.run_to_the_end(service_db, settings, ends, describe)
     finally:
         writer.kill()
 
@@ -241,15 +249,7 @@ async def test_sigterm_during_ingest_stops_cleanly_and_a_restart_completes_the_l
             row[0] for row in await service_db.fetch("SELECT event_id FROM ledger WHERE subject_id IS NOT NULL")
         }, entries_without_subject=1)
 
-        writer.start()
-
-        async def caught_up() -> bool:
-            assert writer.running(), f"the writer exited on its own; {writer.tail()}"
-            return offsets_reached(await stored_offsets(service_db, settings.writer_group_id), ends)
-
-        await wait_until(caught_up, WAIT_S, describe)
-        writer.signal(signal.SIGTERM)
-        assert await writer.wait(60) == 0, writer.tail()
+        await writer.run_to_the_end(service_db, settings, ends, describe)
     finally:
         writer.kill()
     await assert_ledger_sound(service_db, settings.database_url, expected, entries_without_subject=1)

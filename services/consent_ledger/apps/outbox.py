@@ -27,7 +27,6 @@ class OutboxPublisher:
         self.settings = settings
         self.topic = settings.topics.ledger_entries
         self.batch = batch
-        self.published_seq = 0
         self._wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -76,7 +75,6 @@ class OutboxPublisher:
         await asyncio.gather(*sends)
         await connection.execute(query("ledger", "save_outbox_cursor"), CURSOR_NAME, last)
         metrics.OUTBOX_PUBLISHED.inc(len(entries))
-        self.published_seq = last
         return True
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float, also: asyncio.Event | None = None) -> None:

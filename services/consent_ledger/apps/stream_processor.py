@@ -62,7 +62,6 @@ class SubjectFolder:
         self.timeline = timeline
         self.cache = HistoryCache()
         self.pool: asyncpg.Pool | None = None
-        self.folded_seq = 0
         self._starting = asyncio.Lock()
 
     async def start(self) -> asyncpg.Pool:
@@ -119,8 +118,6 @@ class SubjectFolder:
         for subject_id, (seq, _) in new_state.items():
             self.cache.put(subject_id, seq, histories[subject_id])
         metrics.ENTRIES_FOLDED.inc(sum(len(e) for e in entries.values()))
-        if ticks:
-            self.folded_seq = max(self.folded_seq, *(t.seq for t in ticks.values()))
         return touched
 
     async def _entries_to_fold(

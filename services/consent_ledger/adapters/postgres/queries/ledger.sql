@@ -70,9 +70,6 @@ ON CONFLICT (name) DO UPDATE SET last_seq = GREATEST(outbox_cursor.last_seq, EXC
 -- name: latest_policy
 SELECT body FROM ledger WHERE event_type = 'policy.published' AND subject_id IS NULL ORDER BY seq DESC LIMIT 1;
 
--- name: policies_known_at
-SELECT seq, recorded_at, body FROM ledger
-WHERE event_type = 'policy.published' AND subject_id IS NULL AND recorded_at <= $1 ORDER BY seq DESC LIMIT 1;
 
 -- name: subject_entries_after
 SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
