@@ -2,4 +2,6 @@
 
 from consent_ledger.cli import main
 
-main()
+# Guarded: replay's verifying process (multiprocessing, spawn) imports this module again as `__mp_main__`.
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import uvloop
 from pydantic import ValidationError
 
 from consent_ledger.config import Settings
@@ -110,7 +111,7 @@ def ledger_writer() -> None:
 
     settings = require_servers(load_settings())
     configure_logging(settings.log_level)
-    asyncio.run(run_writer_service(settings))
+    uvloop.run(run_writer_service(settings))
 
 
 @app.command("stream-processor")
@@ -133,7 +134,7 @@ def audit_api() -> None:
     settings = load_settings()
     require_database(settings)
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    uvloop.run(serve(settings))
 
 
 @app.command()
@@ -218,11 +219,16 @@ def bench(
     events: Annotated[int, typer.Option(help="events to ingest")] = 1_000_000,
     subjects: Annotated[int, typer.Option(help="distinct subjects")] = 100_000,
     output: Annotated[Path, typer.Option(help="JSON results file")] = Path("bench-results/results.json"),
+    writers: Annotated[int, typer.Option(min=1, help="ledger-writer processes sharing the event topics")] = 1,
+    query_scale: Annotated[int, typer.Option(
+        help="afterwards, grow the ledger to this many entries (directly, skipping Kafka) and measure single "
+             "questions again; 0 to skip")] = 0,
 ) -> None:
     """Measure ingest, fold, queries and replay against the raw COPY limit; prints a table."""
     from consent_ledger.apps.bench import run_bench
 
-    raise typer.Exit(run_bench(load_settings(), events=events, subjects=subjects, output=output))
+    raise typer.Exit(run_bench(load_settings(), events=events, subjects=subjects, output=output, writers=writers,
+                               query_scale=query_scale))
 
 
 def main() -> Any:

@@ -11,119 +11,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
+from system_support import (
+    DEADLINE,
+    POLL,
+    SESSION_TIMEOUT,
+    Ledger,
+    Workers,
+    at_least,
+    check_published,
+    folded_above,
+    folded_to,
+    has_folded,
+    in_chunks,
+    replay,
+    scale,
+    wait_for,
+)
 
-from consent_ledger.adapters.embedded import free_port
-from consent_ledger.adapters.kafka.ledger_feed import entry_message
+from consent_ledger.adapters.kafka.ledger_feed import announce, announcement_messages
 from consent_ledger.adapters.policy_files import load_timeline
 from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
-from consent_ledger.adapters.postgres.state_store import folded_watermark
 from consent_ledger.apps.bench import history
-from consent_ledger.apps.publishing import FileReport, publish_events
-from consent_ledger.apps.stack import settings_env
+from consent_ledger.apps.publishing import publish_events
 from consent_ledger.apps.stream_processor import SubjectFolder
-from consent_ledger.apps.writer_service import run_writer_service
 from consent_ledger.config import Settings
 from consent_ledger.core.events import Event, EventType
 from consent_ledger.core.ledger import EntryContent
 
-DEADLINE = 180.0  # seconds for any one phase; generous, the machine may be shared with another test run
-POLL = 0.05
 CHUNKS = 20  # the stream is published in chunks, so that it can be paced across a rebalance
 PACE = 2.0  # seconds between chunks once the second worker has started and until it folds
-SESSION_TIMEOUT = 10.0
-
-
-def scale(soak: bool) -> tuple[int, int]:
-    """(events, subjects): ~20,000 over ~2,000 subjects, ten times more under --soak."""
-    return (200_000, 20_000) if soak else (20_000, 2_000)
-
-
-@dataclass
-class Workers:
-    """stream-processor subprocesses, each with its own log; all stopped (or killed) at the end."""
-
-    env: dict[str, str]
-    log_dir: Path
-    started: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
-
-    metrics_ports: list[int] = field(default_factory=list)
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = self.log_dir / f"stream-processor-{len(self.started) + 1}.log"
-        port = free_port()  # each worker's own /metrics, to tell what each one folded
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "consent_ledger", "stream-processor"],
-                env={**self.env, "CONSENT_LEDGER_METRICS_PORT": str(port)}, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        self.started.append((process, log))
-        self.metrics_ports.append(port)
-        return process
-
-    async def entries_folded(self, index: int) -> float:
-        """The worker's `consent_ledger_entries_folded_total` (entries it received and folded or skipped)."""
-        return await asyncio.to_thread(_scrape, self.metrics_ports[index - 1], "consent_ledger_entries_folded_total")
-
-    def logs(self, chars: int = 4000) -> str:
-        parts = []
-        for index, (process, log) in enumerate(self.started, start=1):
-            text = log.read_text(errors="replace") if log.exists() else ""
-            parts.append(f"--- worker {index} (pid {process.pid}, exit {process.poll()}) ---\n{text[-chars:]}")
-        return "\n".join(parts)
-
-    def unexpected_exits(self, killed: set[int]) -> list[int]:
-        return [p.pid for p, _ in self.started if p.poll() is not None and p.pid not in killed]
-
-    def stop_all(self) -> None:
-        for process, _ in self.started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process, _ in self.started:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-@dataclass
-class Ledger:
-    """Reads the ledger head and the processors' folded watermark (the lowest partition watermark)."""
-
-    connection: asyncpg.Connection
-    settings: Settings
-
-    async def head(self) -> int:
-        return int(await self.connection.fetchval("SELECT coalesce(max(seq), 0) FROM ledger"))
-
-    async def events(self) -> int:
-        return int(await self.connection.fetchval("SELECT count(*) FROM ledger WHERE subject_id IS NOT NULL"))
-
-    async def folded(self) -> int:
-        return await folded_watermark(
-            self.connection, self.settings.processor_group_id, self.settings.topic_partitions
-        )
 
 
 @pytest.fixture
@@ -132,76 +59,6 @@ def settings(settings: Settings) -> Settings:
     embedded Tansu broker, which holds every group join for half the session timeout, lets a worker start
     folding after 5 s rather than 30 s. Production keeps the default."""
     return settings.model_copy(update={"processor_session_timeout_seconds": SESSION_TIMEOUT})
-
-
-@pytest.fixture
-async def writer(settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
-    """The ledger writer and outbox in-process, as in the `system` fixture."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_writer_service(settings, stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-
-
-@pytest.fixture
-async def workers(settings: Settings, tmp_path: Path) -> AsyncIterator[Workers]:
-    running = Workers({**os.environ, **settings_env(settings)}, tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop_all()
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[bool]], what: str, workers: Workers, writer: asyncio.Task[None],
-    killed: set[int], timeout: float = DEADLINE,
-) -> float:
-    """Poll `check` until it holds; returns the seconds it took. Fails early if a process died unexpectedly."""
-    started = time.monotonic()
-    while not await check():
-        problem = None
-        if writer.done():
-            problem = f"the ledger writer stopped: {writer.exception() if not writer.cancelled() else 'cancelled'}"
-        elif workers.unexpected_exits(killed):
-            problem = f"a stream processor exited: {workers.unexpected_exits(killed)}"
-        elif time.monotonic() - started > timeout:
-            problem = f"not within {timeout:.0f}s"
-        if problem:
-            raise AssertionError(f"waiting for {what}: {problem}\n{workers.logs()}")
-        await asyncio.sleep(POLL)
-    return time.monotonic() - started
-
-
-def replay(settings: Settings, tmp_path: Path) -> dict[str, Any]:
-    """`consent-ledger replay` as a CLI subprocess: exit code 0 and zero differences between live and rebuilt."""
-    report_path = tmp_path / "replay.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "consent_ledger", "replay", "--report", str(report_path)],
-        env={**os.environ, **settings_env(settings)}, capture_output=True, text=True, timeout=600,
-    )
-    output = done.stdout + done.stderr
-    assert report_path.exists(), output
-    report: dict[str, Any] = json.loads(report_path.read_text())
-    state = report["state"]
-    summary = {table: (t["extra_in_live"], t["missing_from_live"], t["examples_extra"][:2], t["examples_missing"][:2])
-               for table, t in state["tables"].items()}
-    assert done.returncode == 0, f"{output}\n{summary}\n{state['fold_state_differences']}"
-    assert state["differences"] == 0, (summary, state["fold_state_differences"])
-    assert report["chain"]["first_bad_seq"] is None, report["chain"]
-    assert all(t["rebuilt_rows"] > 0 for t in state["tables"].values()), state["tables"]
-    return report
-
-
-def _chunks(items: list[Event], count: int) -> list[list[Event]]:
-    size = -(-len(items) // count)
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def check_published(report: FileReport, events: int) -> None:
-    assert (report.sent, report.failed[:3]) == (events, [])
 
 
 @pytest.mark.slow
@@ -213,14 +70,14 @@ async def test_second_worker_joining_mid_stream_leaves_state_equal_to_a_full_fol
     ledger = Ledger(service_db, settings)
     expected_head = events + 1  # and the policy.published entry the writer service records at start
     killed: set[int] = set()
-    chunks = _chunks(list(history(events, subjects)), CHUNKS)
+    chunks = in_chunks(list(history(events, subjects)), CHUNKS)
     first = workers.start()
     started = time.monotonic()
     # The first half of the stream, then the second worker joins as soon as the first has folded events
     # (beyond the policy entry at seq 1): the group rebalances while the first worker is folding.
     for chunk in chunks[: CHUNKS // 2]:
         check_published(await publish_events(settings, chunk), len(chunk))
-    await wait_for(lambda: _folded_above(ledger, 1), "the first worker to fold", workers, writer, killed)
+    await wait_for(lambda: folded_above(ledger, 1), "the first worker to fold", workers, writer, killed)
     second = workers.start()
     joined = time.monotonic()
     folded_at_join = await ledger.folded()
@@ -232,18 +89,18 @@ async def test_second_worker_joining_mid_stream_leaves_state_equal_to_a_full_fol
         check_published(await publish_events(settings, chunk), len(chunk))
         paced = time.monotonic() + PACE
         while rebalance is None and time.monotonic() < paced:
-            if await _has_folded(workers, 2):
+            if await has_folded(workers, 2):
                 rebalance = time.monotonic() - joined
             await asyncio.sleep(POLL)
     if rebalance is None:
-        await wait_for(lambda: _has_folded(workers, 2), "the second worker to fold", workers, writer, killed,
+        await wait_for(lambda: has_folded(workers, 2), "the second worker to fold", workers, writer, killed,
                        timeout=30)
         rebalance = time.monotonic() - joined
     folded_at_rebalance = await ledger.folded()
 
-    await wait_for(lambda: _at_least(ledger.events, events), "every event in the ledger", workers, writer, killed)
+    await wait_for(lambda: at_least(ledger.events, events), "every event in the ledger", workers, writer, killed)
     assert await ledger.head() == expected_head
-    await wait_for(lambda: _folded_to(ledger, expected_head), "the fold to reach the head", workers, writer, killed)
+    await wait_for(lambda: folded_to(ledger, expected_head), "the fold to reach the head", workers, writer, killed)
     fold_seconds = time.monotonic() - started
     assert (first.poll(), second.poll()) == (None, None), workers.logs()
     shares = [await workers.entries_folded(1), await workers.entries_folded(2)]
@@ -276,7 +133,7 @@ async def test_worker_stopped_mid_stream_and_restarted_leaves_state_equal_to_a_f
     try:
         # Stop it while folding: as soon as the watermark has moved past the policy entry at seq 1 (a first batch
         # of events is folded), with most of the stream still to fold.
-        await wait_for(lambda: _folded_above(ledger, 1), "the worker to fold", workers, writer, killed)
+        await wait_for(lambda: folded_above(ledger, 1), "the worker to fold", workers, writer, killed)
         killed.add(first.pid)
         if stop == signal.SIGKILL:
             os.killpg(first.pid, stop)
@@ -293,12 +150,12 @@ async def test_worker_stopped_mid_stream_and_restarted_leaves_state_equal_to_a_f
             with contextlib.suppress(asyncio.CancelledError):
                 await publishing
 
-    await wait_for(lambda: _at_least(ledger.events, events), "every event in the ledger", workers, writer, killed)
+    await wait_for(lambda: at_least(ledger.events, events), "every event in the ledger", workers, writer, killed)
     assert await ledger.head() == expected_head
     assert await ledger.folded() < expected_head, "the fold finished with no worker running"
     workers.start()
     restarted = time.monotonic()
-    catch_up = await wait_for(lambda: _folded_to(ledger, expected_head), "the restarted worker to catch up",
+    catch_up = await wait_for(lambda: folded_to(ledger, expected_head), "the restarted worker to catch up",
                               workers, writer, killed)
     lag_after = expected_head - await ledger.folded()
     assert lag_after == 0
@@ -333,7 +190,7 @@ async def test_two_workers_folding_one_new_subject_at_once_fold_it_once(
             appended = (await append(writer, [Candidate(EntryContent.of_event(e)) for e in events])).appended
     finally:
         await writer.close()
-    messages = [(0, entry_message(entry)) for entry in appended]
+    messages = [(0, m) for entry in appended for m in announcement_messages(announce([entry]))]
 
     paused, release = asyncio.Event(), asyncio.Event()
     write_plan = state_store.write_plan
@@ -378,29 +235,3 @@ async def _waiting_for_a_lock(admin_db: asyncpg.Connection) -> bool:
     return bool(await admin_db.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
     ))
-
-
-async def _folded_above(ledger: Ledger, seq: int) -> bool:
-    return await ledger.folded() > seq
-
-
-async def _folded_to(ledger: Ledger, head: int) -> bool:
-    return await ledger.folded() >= head
-
-
-async def _at_least(read: Callable[[], Awaitable[int]], expected: int) -> bool:
-    return await read() >= expected
-
-
-async def _has_folded(workers: Workers, index: int) -> bool:
-    return await workers.entries_folded(index) > 0
-
-
-def _scrape(port: int, metric: str) -> float:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
-        return 0.0  # not serving yet
-    found = re.search(rf"^{metric} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0

@@ -77,6 +77,20 @@ async def test_tampering_is_named_and_fails_the_replay(system: Any, admin_db: as
     assert report["state"]["tables"]["conversation_facts"]["missing_from_live"] == 1
     assert report["state"]["tables"]["consent_intervals"]["extra_in_live"] == 0
 
+    # The current-state table altered: bob's account shown as deleted.
+    await admin_db.execute(
+        "UPDATE subject_current_state SET state = jsonb_set(state, '{deleted}', 'true') WHERE subject_id = 'bob'"
+    )
+    code, report, output = replay(system, tmp_path)
+    assert code == 1
+    current = report["state"]["tables"]["subject_current_state"]
+    assert (current["extra_in_live"], current["missing_from_live"]) == (1, 1)
+    assert current["examples_extra"][0]["subject_id"] == "bob"
+    assert "subject_current_state" in output
+    await admin_db.execute(
+        "UPDATE subject_current_state SET state = jsonb_set(state, '{deleted}', 'false') WHERE subject_id = 'bob'"
+    )
+
     # A decision receipt's stored results altered by a superuser who bypasses the append-only guard.
     receipt_seq = await admin_db.fetchval("SELECT seq FROM ledger WHERE event_type = 'decision.recorded'")
     async with admin_db.transaction():

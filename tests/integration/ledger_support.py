@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+import io
 import itertools
+import os
 import random
+import signal
+import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
+from fastavro import schemaless_writer
 
+from consent_ledger.adapters.avro.codec import MARKER, default_codec
 from consent_ledger.adapters.kafka.admin import ensure_topics
 from consent_ledger.adapters.postgres.connection import connect
-from consent_ledger.adapters.postgres.ledger_store import stream_entries
 from consent_ledger.config import Settings
-from consent_ledger.core.events import BODY_FIELDS, EVENT_TOPICS, Event, EventType, event_from_json, format_timestamp
+from consent_ledger.core.events import (
+    BODY_FIELDS,
+    EVENT_TOPICS,
+    Event,
+    EventType,
+    RejectReason,
+    event_from_json,
+    format_timestamp,
+)
 from consent_ledger.core.ledger import ChainVerifier
+from history_checker import History, fold_chain
 
 # Unicode, quotes and spaces in keys and fields, so the round trip through Kafka and jsonb is exercised.
 _SUBJECT_STEMS = ["subject", "Ünïcødé-主体", "emoji-🙂🔬", "with space", "quote\"s'and\\slash", "ß漢字"]
@@ -55,6 +73,69 @@ def make_event(
         "producer": producer,
         "body": body,
     })
+
+
+def avro_record(event: Event, **changes: Any) -> dict[str, Any]:
+    """The Avro record of `event` as the codec writes it, with fields overridden (validation bypassed)."""
+    record: dict[str, Any] = {
+        "event_id": str(event.event_id),
+        "event_type": event.event_type.value,
+        "subject_id": event.subject_id,
+        "occurred_at": int((event.occurred_at - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1)),
+        "producer": event.producer,
+        "body": dict(event.body),
+    }
+    record.update(changes)
+    return record
+
+
+def encode_unchecked(record: dict[str, Any], event_type: EventType) -> bytes:
+    """Single-object encode a record with the real schema, skipping the contract's validation."""
+    version = default_codec().catalogue.latest(event_type)
+    out = io.BytesIO()
+    out.write(MARKER + version.fingerprint)
+    schemaless_writer(out, version.binary_schema, record)
+    return out.getvalue()
+
+
+def add_mix(history: History, people: Sequence[str], count: int) -> None:
+    """`count` valid events, then redeliveries (5%), id conflicts (1%), garbage (1%) and future events (0.5%).
+
+    Redeliveries and conflicts come after their originals (same topic and key, so same partition), as a producer
+    retry would; all of the tail is shuffled together.
+    """
+    rng = history.rng
+    events = [make_event(rng, rng.choice(people)) for _ in range(count)]
+    for event in events:
+        history.add_event(event)
+    some = max(1, count // 100)
+    tomorrow = datetime.now(UTC) + timedelta(days=1)  # far beyond the 5-minute skew, however long the test runs
+    tail = [functools.partial(history.add_event, event) for event in rng.sample(events, count // 20)]
+    tail += [
+        functools.partial(history.add_event, dataclasses.replace(event, producer="another-producer"))
+        for event in rng.sample(events, some)
+    ]
+    tail += [
+        functools.partial(
+            history.add_bytes,
+            rng.choice(EVENT_TOPICS),
+            rng.choice(people),
+            bytes([rng.randrange(0xC3)]) + rng.randbytes(rng.randrange(40)),
+            RejectReason.UNDECODABLE,
+        )
+        for _ in range(some)
+    ]
+    tail += [
+        functools.partial(
+            history.add_event,
+            make_event(rng, rng.choice(people), occurred_at=tomorrow),
+            expect=RejectReason.OCCURRED_AT_IN_FUTURE,
+        )
+        for _ in range(max(1, count // 200))
+    ]
+    rng.shuffle(tail)
+    for add in tail:
+        add()
 
 
 def event_topic_names(settings: Settings) -> list[str]:
@@ -130,10 +211,7 @@ async def verify_chain(database_url: str) -> ChainVerifier:
     """Fold the whole ledger through a `ChainVerifier` (the same fold `consent-ledger verify` uses)."""
     connection = await connect(database_url)
     try:
-        verifier = ChainVerifier()
-        async for entries in stream_entries(connection, batch=5000):
-            verifier.feed(entries)
-        return verifier
+        return await fold_chain(connection)
     finally:
         await connection.close()
 
@@ -180,3 +258,87 @@ async def run_cli(*args: str, env: dict[str, str], timeout_s: float = 60) -> tup
             await process.wait()
     assert process.returncode is not None
     return process.returncode, output.decode()
+
+
+def writer_env(settings: Settings) -> dict[str, str]:
+    """The environment of a `consent-ledger ledger-writer` child: this test's servers, prefix and settings."""
+    assert settings.kafka_bootstrap_servers is not None
+    assert settings.database_url is not None
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CONSENT_LEDGER_")}
+    env.update(
+        {
+            "CONSENT_LEDGER_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+            "CONSENT_LEDGER_DATABASE_URL": settings.database_url,
+            "CONSENT_LEDGER_TOPIC_PREFIX": settings.topic_prefix,
+            "CONSENT_LEDGER_TOPIC_PARTITIONS": str(settings.topic_partitions),
+            "CONSENT_LEDGER_WRITER_BATCH_MAX": str(settings.writer_batch_max),
+            "CONSENT_LEDGER_MAX_MESSAGE_BYTES": str(settings.max_message_bytes),
+        }
+    )
+    return env
+
+
+class WriterProcess:
+    """`consent-ledger ledger-writer` as a child process, its output appended to one log file."""
+
+    def __init__(self, settings: Settings, log: Path, wait_s: float = 120.0) -> None:
+        self.env = writer_env(settings)
+        self.log = log
+        self.wait_s = wait_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "consent_ledger", "ledger-writer"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def wait(self, timeout_s: float) -> int:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while self.process.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the writer did not exit within {timeout_s:.0f}s; see {self.tail()}")
+            await asyncio.sleep(0.05)
+        return self.process.returncode
+
+    async def run_to_the_end(
+        self,
+        service_db: asyncpg.Connection,
+        settings: Settings,
+        ends: dict[tuple[str, int], int],
+        describe: Callable[[], Awaitable[str]],
+    ) -> None:
+        """Start, append up to the end of every partition, then stop cleanly with SIGTERM (exit code 0)."""
+        self.start()
+
+        async def caught_up() -> bool:
+            assert self.running(), f"the writer exited on its own; {self.tail()}"
+            return offsets_reached(await stored_offsets(service_db, settings.writer_group_id), ends)
+
+        await wait_until(caught_up, self.wait_s, describe)
+        self.signal(signal.SIGTERM)
+        assert await self.wait(60) == 0, self.tail()
+
+    def kill(self) -> None:
+        """Leave nothing running, whatever happened."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else "(no output)"
+        return f"{self.log}:\n" + "\n".join(text.splitlines()[-lines:])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import os
 import random
 import uuid
@@ -17,10 +16,11 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer
-from fastavro import schemaless_writer
 from ledger_support import (
     Message,
     assert_ledger_sound,
+    avro_record,
+    encode_unchecked,
     end_offsets_of,
     ensure_event_topics,
     make_event,
@@ -63,26 +63,6 @@ class Scenario:
     valid_ids: set[uuid.UUID] = dataclasses.field(default_factory=set)
 
 
-def _record(event: Event, **changes: Any) -> dict[str, Any]:
-    """The Avro record of `event` as the codec writes it, with fields overridden (validation bypassed)."""
-    record: dict[str, Any] = {
-        "event_id": str(event.event_id), "event_type": event.event_type.value, "subject_id": event.subject_id,
-        "occurred_at": int((event.occurred_at - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1)),
-        "producer": event.producer, "body": dict(event.body),
-    }
-    record.update(changes)
-    return record
-
-
-def _encode_unchecked(record: dict[str, Any], event_type: EventType) -> bytes:
-    """Single-object encode a record with the real schema, skipping the contract's validation."""
-    version = default_codec().catalogue.latest(event_type)
-    out = io.BytesIO()
-    out.write(MARKER + version.fingerprint)
-    schemaless_writer(out, version.binary_schema, record)
-    return out.getvalue()
-
-
 def _undecodable(rng: random.Random, valid: Event, index: int) -> bytes:
     variant = index % 4
     if variant == 0:  # random garbage that does not even open with the single-object marker
@@ -114,7 +94,7 @@ def _invalid_field(valid: Event, index: int) -> bytes:
     ]
     if text_field is not None:
         variants.append({"body": {**valid.body, text_field: ""}})
-    return _encode_unchecked(_record(valid, **variants[index % len(variants)]), valid.event_type)
+    return encode_unchecked(avro_record(valid, **variants[index % len(variants)]), valid.event_type)
 
 
 def _oversized(rng: random.Random, subject_id: str, index: int) -> bytes:

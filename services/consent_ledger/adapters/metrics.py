@@ -25,6 +25,11 @@ CONSUMER_LAG = Gauge("consent_ledger_consumer_lag", "Messages on the event topic
 OUTBOX_PUBLISHED = Counter("consent_ledger_outbox_published_total", "Entries published to ledger.entries")
 LEDGER_HEAD = Gauge("consent_ledger_head_seq", "Highest seq in the ledger, as last seen by this process")
 ENTRIES_FOLDED = Counter("consent_ledger_entries_folded_total", "Ledger entries folded into state tables")
+FOLD_BATCH_SIZE = Histogram(
+    "consent_ledger_fold_batch_messages", "Feed messages per folding transaction",
+    buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000),
+)
+FOLD_LATENCY = Histogram("consent_ledger_fold_batch_seconds", "Time to fold one batch and commit it")
 STATE_LAG = Gauge("consent_ledger_state_lag", "Ledger head seq minus the seq folded into state tables")
 API_LATENCY = Histogram(
     "consent_ledger_api_seconds", "Audit API latency", ["route", "method", "status"],

@@ -24,6 +24,7 @@ from consent_ledger.core.events import EVENT_TOPICS, TOPIC_OF, InvalidEvent, Rej
 from consent_ledger.core.ledger import EntryContent
 
 log = logging.getLogger("consent_ledger.writer")
+_ANY_SIZE = 2**31 - 1
 
 
 class BrokerLogLost(RuntimeError):
@@ -70,7 +71,11 @@ class LedgerWriter:
             self.settings.topic_partitions, self.settings.topic_replication,
         )
         self.connection = await connect(self.settings.database_url)
-        self.dead_letters = AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5)
+        # No client-side size limit: a rejected message is dead-lettered whatever its size (the broker took it
+        # once). aiokafka's default of 1 MiB made a larger message crash the writer, and again after each restart.
+        self.dead_letters = AIOKafkaProducer(
+            bootstrap_servers=servers, acks="all", linger_ms=5, max_request_size=_ANY_SIZE
+        )
         await self.dead_letters.start()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=servers,
@@ -78,6 +83,10 @@ class LedgerWriter:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=max(1_048_576, self.settings.max_message_bytes),
+            # Kafka answers a waiting fetch as soon as data arrives; the embedded Tansu only when the wait ends
+            # (measured: a message arrived 452 ms after it was produced with a 1,500 ms wait, 4 ms with 100 ms).
+            # Short waits cost an idle writer ten fetches a second.
+            fetch_max_wait_ms=100,
         )
         self.consumer.subscribe(self.topics, listener=_SeekToStoredOffsets(self))
         await self.consumer.start()

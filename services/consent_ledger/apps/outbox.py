@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import defaultdict
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from consent_ledger.adapters import metrics
-from consent_ledger.adapters.kafka.ledger_feed import entry_message, tick_message
+from consent_ledger.adapters.kafka.ledger_feed import (
+    Announcement,
+    announcement_messages,
+    partition_of,
+    tick_message,
+)
 from consent_ledger.adapters.postgres.connection import connect
-from consent_ledger.adapters.postgres.ledger_store import entry_from_row
 from consent_ledger.adapters.postgres.queries import query
 from consent_ledger.config import Settings
 
@@ -23,7 +28,7 @@ CURSOR_NAME = "ledger.entries"
 class OutboxPublisher:
     """At-least-once: the cursor moves only after the broker acknowledged; consumers are idempotent by seq."""
 
-    def __init__(self, settings: Settings, batch: int = 5000) -> None:
+    def __init__(self, settings: Settings, batch: int = 20_000) -> None:
         self.settings = settings
         self.topic = settings.topics.ledger_entries
         self.batch = batch
@@ -57,24 +62,29 @@ class OutboxPublisher:
     async def publish_pending(self, connection: asyncpg.Connection, producer: AIOKafkaProducer) -> bool:
         """Publish one batch after the cursor; False when there was nothing to publish."""
         cursor = await connection.fetchval(query("ledger", "outbox_cursor"), CURSOR_NAME) or 0
-        rows = await connection.fetch(query("ledger", "entries_from"), cursor, 2**62, self.batch)
+        rows = await connection.fetch(query("ledger", "announcements_from"), cursor, self.batch)
         if not rows:
             return False
-        entries = [entry_from_row(row) for row in rows]
+        last = rows[-1]["seq"]
+        partitions = sorted(await producer.partitions_for(self.topic))
+        # Each subject is announced on the partition its key would go to (processors own subjects by it).
+        by_partition: dict[int, list[Announcement]] = defaultdict(list)
+        for row in rows:
+            if row["subject_id"] is not None:  # receipts and policy entries have no subject to fold
+                subject_id = row["subject_id"]
+                by_partition[partition_of(subject_id, len(partitions))].append(Announcement(subject_id, row["seq"]))
         sends = [
-            await producer.send(self.topic, key=entry.subject_id.encode(), value=entry_message(entry))
-            for entry in entries
-            if entry.subject_id is not None  # receipts and policy entries have no subject to fold
+            await producer.send(self.topic, value=message, partition=partition)
+            for partition, mine in sorted(by_partition.items())
+            for message in announcement_messages(mine)
         ]
-        last = entries[-1].seq
-        partitions = await producer.partitions_for(self.topic)
         sends += [
             await producer.send(self.topic, value=tick_message(last, len(partitions)), partition=p)
-            for p in sorted(partitions)
+            for p in partitions
         ]
         await asyncio.gather(*sends)
         await connection.execute(query("ledger", "save_outbox_cursor"), CURSOR_NAME, last)
-        metrics.OUTBOX_PUBLISHED.inc(len(entries))
+        metrics.OUTBOX_PUBLISHED.inc(len(rows))
         return True
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float, also: asyncio.Event | None = None) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
+import signal
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
@@ -14,7 +16,7 @@ import asyncpg
 import faust
 
 from consent_ledger.adapters import metrics
-from consent_ledger.adapters.kafka.ledger_feed import WatermarkTick, parse_feed_message, partition_of
+from consent_ledger.adapters.kafka.ledger_feed import WatermarkTick, parse_announcements, partition_of
 from consent_ledger.adapters.policy_files import load_timeline
 from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.connection import create_pool
@@ -29,26 +31,30 @@ from consent_ledger.core.state import current_state
 
 log = logging.getLogger("consent_ledger.processor")
 
-BATCH_MAX = 2000
-BATCH_WITHIN_SECONDS = 0.05
+# Messages per folding transaction: an `entries` message announces up to 5,000 entries. A batch costs about
+# fifteen round trips to PostgreSQL whatever its size, and faust waits `within` for it to fill: larger batches
+# amortise both; the wait adds at most this much to the time from produce to answerable.
+BATCH_MAX = 8
+BATCH_WITHIN_SECONDS = 0.2
+CRASH_EXIT_SECONDS = 30.0
 
 
 class HistoryCache:
-    """Recently folded subjects' ledger entries, bounded; a miss reloads them from the ledger index."""
+    """Recently folded subjects' ledger entries and their facts, bounded; a miss reloads from the ledger index."""
 
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[str, tuple[int, list[LedgerEntry]]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[int, list[LedgerEntry], SubjectFacts]] = OrderedDict()
 
-    def get(self, subject_id: str, folded_seq: int) -> list[LedgerEntry] | None:
+    def get(self, subject_id: str, folded_seq: int) -> tuple[list[LedgerEntry], SubjectFacts] | None:
         cached = self._entries.get(subject_id)
         if cached is None or cached[0] != folded_seq:
             return None  # unknown here, or another worker folded it since (a rebalance)
         self._entries.move_to_end(subject_id)
-        return cached[1]
+        return cached[1], cached[2]
 
-    def put(self, subject_id: str, folded_seq: int, history: list[LedgerEntry]) -> None:
-        self._entries[subject_id] = (folded_seq, history)
+    def put(self, subject_id: str, folded_seq: int, history: list[LedgerEntry], facts: SubjectFacts) -> None:
+        self._entries[subject_id] = (folded_seq, history, facts)
         self._entries.move_to_end(subject_id)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
@@ -69,7 +75,14 @@ class SubjectFolder:
         async with self._starting:
             if self.pool is None:
                 assert self.settings.database_url is not None
-                self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=2)
+                # A worker frozen inside a fold transaction (SIGSTOP, a stalled VM) keeps its subjects' row locks,
+                # and the worker given its partitions would wait as long as it stays frozen. The broker evicts it
+                # after the session timeout; PostgreSQL then ends its transaction too.
+                idle_ms = int(self.settings.processor_session_timeout_seconds * 1000)
+                self.pool = await create_pool(
+                    self.settings.database_url, min_size=1, max_size=2, stateless=True,
+                    server_settings={"idle_in_transaction_session_timeout": str(idle_ms)},
+                )
             return self.pool
 
     async def stop(self) -> None:
@@ -84,40 +97,52 @@ class SubjectFolder:
         no hole. A watermark tick is checked against the ledger before it is recorded.
         """
         pool = self.pool or await self.start()
+        started = time.perf_counter()
         announced: dict[str, int] = {}
         ticks: dict[int, WatermarkTick] = {}
         for partition, raw in messages:
-            message = parse_feed_message(raw)
+            message = parse_announcements(raw)
             if isinstance(message, WatermarkTick):
                 if partition not in ticks or ticks[partition].seq < message.seq:
                     ticks[partition] = message
-            elif message.subject_id is not None:
-                announced[message.subject_id] = max(announced.get(message.subject_id, 0), message.seq)
+                continue
+            for announcement in message:
+                subject_id = announcement.subject_id
+                announced[subject_id] = max(announced.get(subject_id, 0), announcement.seq)
         touched: dict[str, SubjectFacts] = {}
         async with pool.acquire() as connection, connection.transaction():
             for subject_id, last_seq in (await self._promised_by_ticks(connection, ticks)).items():
                 announced[subject_id] = max(announced.get(subject_id, 0), last_seq)
-            folded = await state_store.lock_fold_state(connection, list(announced))
-            behind = {s: upto for s, upto in announced.items() if upto > folded.get(s, 0)}
+            state = await state_store.lock_fold_state(connection, list(announced))
+            folded = {subject_id: s.seq for subject_id, s in state.items()}
+            behind = {s: upto for s, upto in announced.items() if upto > folded[s]}
             entries = await self._entries_to_fold(connection, behind, folded)
-            histories = await self._histories(connection, folded, list(entries))
+            histories, kept = await self._histories(connection, folded, list(entries))
             changes = []
             new_state: dict[str, tuple[int, datetime]] = {}
             for subject_id, fresh in entries.items():
                 history = histories[subject_id]
-                subject_changes, facts = fold_increments(subject_id, history, fresh, self.timeline)
+                subject_changes, facts = fold_increments(
+                    subject_id, history, fresh, self.timeline, kept.get(subject_id)
+                )
                 changes.extend(subject_changes)
                 history.extend(fresh)
                 new_state[subject_id] = (fresh[-1].seq, fresh[-1].recorded_at)
                 touched[subject_id] = facts
-            await state_store.write_plan(connection, state_store.plan_writes(changes))
+            folded_at = {subject_id: state[subject_id].recorded_at for subject_id in entries}
+            await state_store.write_plan(connection, state_store.plan_writes(changes, folded_at))
             await state_store.save_fold_state(connection, new_state)
+            await state_store.save_current_state(
+                connection, {s: (new_state[s][0], current_state(facts)) for s, facts in touched.items()}
+            )
             await state_store.save_progress(
                 connection, self.settings.processor_group_id, {p: t.seq for p, t in ticks.items()}
             )
         for subject_id, (seq, _) in new_state.items():
-            self.cache.put(subject_id, seq, histories[subject_id])
+            self.cache.put(subject_id, seq, histories[subject_id], touched[subject_id])
         metrics.ENTRIES_FOLDED.inc(sum(len(e) for e in entries.values()))
+        metrics.FOLD_BATCH_SIZE.observe(len(messages))
+        metrics.FOLD_LATENCY.observe(time.perf_counter() - started)
         return touched
 
     async def _entries_to_fold(
@@ -157,13 +182,16 @@ class SubjectFolder:
 
     async def _histories(
         self, connection: asyncpg.Connection, folded: dict[str, int], subjects: list[str]
-    ) -> dict[str, list[LedgerEntry]]:
+    ) -> tuple[dict[str, list[LedgerEntry]], dict[str, SubjectFacts]]:
+        """Each subject's folded entries, and its facts where the cache kept them."""
         histories: dict[str, list[LedgerEntry]] = {}
+        kept: dict[str, SubjectFacts] = {}
         missing: list[str] = []
         for subject_id in subjects:
             cached = self.cache.get(subject_id, folded.get(subject_id, 0))
             if cached is not None:
-                histories[subject_id] = list(cached)
+                histories[subject_id] = list(cached[0])
+                kept[subject_id] = cached[1]
             elif folded.get(subject_id, 0) == 0:
                 histories[subject_id] = []
             else:
@@ -177,11 +205,11 @@ class SubjectFolder:
                 assert entry.subject_id is not None
                 if entry.seq <= folded[entry.subject_id]:
                     histories[entry.subject_id].append(entry)
-        return histories
+        return histories, kept
 
 
 def build_app(settings: Settings) -> faust.App:
-    """The faust app: one agent (concurrency 1, at-least-once) and the `subject_state` table."""
+    """The faust app: one agent (concurrency 1, at-least-once) folding into PostgreSQL, with a stall watchdog."""
     assert settings.kafka_bootstrap_servers is not None
     app = faust.App(
         settings.processor_group_id,
@@ -200,17 +228,12 @@ def build_app(settings: Settings) -> faust.App:
         datadir=str(settings.data_dir / "faust"),
         value_serializer="raw",
         key_serializer="raw",
+        # Room for two full batches: faust pauses fetching a partition whose buffer is full (default 4,096).
+        stream_buffer_maxsize=2 * BATCH_MAX,
     )
     feed = app.topic(
         settings.topics.ledger_entries, key_type=bytes, value_type=bytes,
         partitions=settings.topic_partitions, key_serializer="raw", value_serializer="raw",
-    )
-    # Current state per subject (changelog-backed): consent choice, account, conversations' status.
-    # Values are JSON bytes: the app's codecs are raw, never pickle. Batches have no "current event", so the
-    # changelog partition comes from the partitioner: same key bytes and partition count as ledger.entries.
-    subject_state = app.Table(
-        "subject_state", default=bytes, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes,
-        use_partitioner=True,
     )
     folder = SubjectFolder(settings, load_timeline(settings.policy_file))
 
@@ -222,15 +245,34 @@ def build_app(settings: Settings) -> faust.App:
     async def fold(stream: faust.StreamT[Any]) -> None:
         try:
             async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_SECONDS):  # type: ignore[attr-defined]
-                touched = await folder.fold_batch([(event.message.partition, event.value) for event in events])
-                for subject_id, facts in touched.items():
-                    subject_state[subject_id.encode()] = json.dumps(current_state(facts)).encode()
+                await folder.fold_batch([(event.message.partition, event.value) for event in events])
         except Exception as error:
             # A crashed agent would leave a live worker folding nothing: stop the worker so that it restarts
             # (nothing is lost: offsets of the failed batch were not committed, and folding is idempotent).
             log.exception("folding failed; stopping this worker")
+            # app.crash does not always stop the worker (seen after a PostgreSQL session was ended under it).
+            asyncio.get_running_loop().call_later(CRASH_EXIT_SECONDS, os._exit, 1)
             await app.crash(error)
             raise
+
+    last_beat: list[float] = []  # the first tick starts the clock: timers begin only once the app runs
+    stopping: list[float] = []
+
+    @app.timer(interval=1.0)
+    async def exit_after_a_stall() -> None:
+        # A worker whose loop stood still past the session timeout (frozen, or starved) has been evicted and
+        # its partitions moved; resuming can leave it alive but folding nothing. Exit so that it is restarted.
+        now = time.monotonic()
+        stalled = now - last_beat[0] if last_beat else 0.0
+        last_beat[:] = [now]
+        if stalled > settings.processor_session_timeout_seconds and not stopping:
+            log.error("stood still %.0f s, past the %.0f s session timeout; stopping to be restarted",
+                      stalled, settings.processor_session_timeout_seconds)
+            stopping.append(now)
+            # Stop as on SIGTERM, leaving the group (a member that vanished without leaving was seen to keep a
+            # new one from getting partitions on the embedded broker); exit anyway if that hangs.
+            asyncio.get_running_loop().call_later(CRASH_EXIT_SECONDS, os._exit, 1)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     @app.timer(interval=1.0)
     async def report_lag() -> None:

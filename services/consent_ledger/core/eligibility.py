@@ -132,7 +132,7 @@ def decide_eligibility(
     if account.account_type == "commercial":
         return _refusal(COMMERCIAL_ACCOUNT, policy_version, _account_evidence(account))
     history = [f for f in facts.conversations if f.conversation_id == conversation_id and f.occurred_at <= at]
-    history.sort()
+    history.sort(key=ConversationFact.sort_key)
     # Rule 4: never used from the conversation's deletion on, even if resumed later.
     deletions = [f.seq for f in history if f.kind == ConversationKind.DELETED]
     if deletions:

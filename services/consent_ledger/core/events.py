@@ -126,11 +126,13 @@ def parse_timestamp(text: str) -> datetime:
 
 def format_timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with exactly six fractional digits and a `Z`: the one textual form used everywhere."""
-    if moment.tzinfo is None:
-        raise ValueError("naive datetime: every instant in the ledger is timezone-aware")
-    m = moment.astimezone(UTC)
-    # An f-string, not strftime: strftime does not zero-pad years before 1000 on Linux.
-    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}.{m.microsecond:06d}Z"
+    if moment.tzinfo is not UTC:
+        if moment.tzinfo is None:
+            raise ValueError("naive datetime: every instant in the ledger is timezone-aware")
+        moment = moment.astimezone(UTC)
+    # isoformat, not strftime: it runs in C and zero-pads years before 1000 (strftime does not on Linux);
+    # in UTC it ends in "+00:00", replaced by "Z".
+    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def _text(obj: Mapping[str, Any], name: str, *, max_length: int = MAX_TEXT_LENGTH) -> str:

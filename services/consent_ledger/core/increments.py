@@ -35,16 +35,19 @@ def all_facts(facts: SubjectFacts) -> frozenset[Fact]:
 
 
 def fold_increments(
-    subject_id: str, history: Sequence[LedgerEntry], fresh: Sequence[LedgerEntry], timeline: PolicyTimeline
+    subject_id: str, history: Sequence[LedgerEntry], fresh: Sequence[LedgerEntry], timeline: PolicyTimeline,
+    facts: SubjectFacts | None = None,
 ) -> tuple[list[FactChange], SubjectFacts]:
     """Fold `fresh` entries (seq order, after `history`) one transaction time at a time.
 
     Entries that share a `recorded_at` were committed together, so nobody could know the state between
-    them: they are folded as one step.
+    them: they are folded as one step. `facts`, when given, must be the fold of `history` (a caller that
+    kept it saves folding the history again).
     """
     known = list(history)
-    # A subject with no entries has no rows at all, even though folding nothing gives default intervals.
-    facts = fold_subject(subject_id, known, timeline) if known else SubjectFacts(subject_id, (), (), ())
+    if facts is None:
+        # A subject with no entries has no rows at all, even though folding nothing gives default intervals.
+        facts = fold_subject(subject_id, known, timeline) if known else SubjectFacts(subject_id, (), (), ())
     changes = []
     for recorded_at, group in groupby(fresh, key=lambda entry: entry.recorded_at):
         known.extend(group)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from consent_ledger.core.events import Event, EventType, format_timestamp
 
 GENESIS_HASH = bytes(32)
@@ -91,8 +93,17 @@ class LedgerEntry:
 
 
 def canonical_json(value: Any) -> bytes:
-    """JSON with sorted keys, no insignificant whitespace, UTF-8, non-ASCII kept as is."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """JSON with sorted keys, no insignificant whitespace, UTF-8, non-ASCII kept as is.
+
+    The bytes of `json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)` in UTF-8 (the
+    README's recipe), written by orjson: several times faster, and byte-identical for every document of
+    strings, integers, booleans, null, lists and objects (a property test holds it to that). Ledger documents
+    hold nothing else; whatever orjson refuses (ints over 64 bits, non-string keys) goes to json.dumps.
+    """
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def canonical_bytes(seq: int, recorded_at: datetime, content: EntryContent) -> bytes:

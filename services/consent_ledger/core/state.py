@@ -1,4 +1,4 @@
-"""The current state of a subject, summarised from its facts for the processors' faust table."""
+"""The current state of a subject, summarised from its facts: the `subject_current_state` table's rows."""
 
 from __future__ import annotations
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 import hashlib
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from consent_ledger.adapters.postgres.queries import query
-from consent_ledger.core.events import format_timestamp
 from consent_ledger.core.facts import AccountInterval, ConsentInterval, ConversationFact, SubjectFacts
 from consent_ledger.core.increments import Fact, FactChange
-from consent_ledger.core.ledger import canonical_json
 
 TABLE_OF: Mapping[type[Any], str] = {
     ConsentInterval: "consent_intervals",
@@ -35,9 +34,11 @@ def fact_values(fact: Fact) -> tuple[Any, ...]:
 
 
 def fact_hash(fact: Fact) -> bytes:
-    """Identity of a fact's content: the open version of a fact is unique per subject."""
-    values = [format_timestamp(v) if isinstance(v, datetime) else v for v in fact_values(fact)]
-    return hashlib.sha256(canonical_json([type(fact).__name__, *values])).digest()[:16]
+    """Identity of a fact's content: the open version of a fact is unique per subject.
+
+    orjson writes the values (instants as RFC 3339) in C: the fold computes one hash per row it writes.
+    """
+    return hashlib.sha256(orjson.dumps([type(fact).__name__, *fact_values(fact)])).digest()[:16]
 
 
 @dataclass
@@ -46,16 +47,19 @@ class WritePlan:
 
     closes: dict[type[Any], list[tuple[str, bytes, datetime]]] = field(default_factory=lambda: defaultdict(list))
     inserts: dict[type[Any], list[tuple[Any, ...]]] = field(default_factory=lambda: defaultdict(list))
+    folded_at: Mapping[str, datetime] | None = None
+    """Per subject, the transaction time of the last entry folded before this batch, if known: only a row
+    starting exactly then can continue a row closed by an earlier batch (see _reopen)."""
 
 
-def plan_writes(changes: Iterable[FactChange]) -> WritePlan:
+def plan_writes(changes: Iterable[FactChange], folded_at: Mapping[str, datetime] | None = None) -> WritePlan:
     """Collapse a batch of changes, in order, into one UPDATE and one INSERT per table.
 
     A fact added and removed within the batch becomes one closed row; one added and removed at the same
     transaction time is never visible and is not written.
     """
     opened: dict[tuple[str, Fact], datetime] = {}
-    plan = WritePlan()
+    plan = WritePlan(folded_at=folded_at)
     for change in changes:
         for fact in change.removed:
             since = opened.pop((change.subject_id, fact), None)
@@ -92,7 +96,13 @@ async def write_plan(connection: asyncpg.Connection, plan: WritePlan) -> int:
             list(set(subjects)),
         )
     for cls, rows in plan.inserts.items():
-        rows = await _reopen(connection, cls, rows)
+        if plan.folded_at is None:
+            rows = await _reopen(connection, cls, rows)
+        else:
+            folded_at = plan.folded_at
+            continuing = [r for r in rows if folded_at.get(r[0]) == r[-2]]
+            if continuing:
+                rows = [r for r in rows if folded_at.get(r[0]) != r[-2]] + await _reopen(connection, cls, continuing)
         columns = ("subject_id", "fact_hash", *COLUMNS_OF[cls], "known_from", "known_to")
         await connection.copy_records_to_table(TABLE_OF[cls], columns=columns, records=rows)
         touched += len(rows)
@@ -119,11 +129,19 @@ async def _reopen(connection: asyncpg.Connection, cls: type[Any], rows: list[tup
     return [r for r in rows if (r[0], r[1], r[-2]) not in extended]
 
 
-async def lock_fold_state(connection: asyncpg.Connection, subjects: Sequence[str]) -> dict[str, int]:
-    """Lock the subjects' fold state for this transaction (new subjects too); 0 where nothing is folded yet."""
+@dataclass(frozen=True, slots=True)
+class FoldState:
+    seq: int
+    """The last seq folded (0: none yet)."""
+    recorded_at: datetime
+    """Its transaction time (-infinity: none yet)."""
+
+
+async def lock_fold_state(connection: asyncpg.Connection, subjects: Sequence[str]) -> dict[str, FoldState]:
+    """Lock the subjects' fold state for this transaction (new subjects too): how far each is folded."""
     await connection.execute(query("state", "claim_fold_state"), sorted(subjects))
     rows = await connection.fetch(query("state", "lock_fold_state"), sorted(subjects))
-    return {row["subject_id"]: row["folded_seq"] for row in rows}
+    return {row["subject_id"]: FoldState(row["folded_seq"], row["recorded_at"]) for row in rows}
 
 
 async def save_fold_state(
@@ -134,6 +152,18 @@ async def save_fold_state(
         await connection.execute(
             query("state", "save_fold_state"),
             subjects, [folded[s][0] for s in subjects], [folded[s][1] for s in subjects],
+        )
+
+
+async def save_current_state(
+    connection: asyncpg.Connection, states: Mapping[str, tuple[int, Mapping[str, Any]]]
+) -> None:
+    """Each subject's current state (core.state.current_state) as of its last folded seq."""
+    if states:
+        subjects = list(states)
+        await connection.execute(
+            query("state", "save_current_state"),
+            subjects, [states[s][0] for s in subjects], [states[s][1] for s in subjects],
         )
 
 
@@ -153,37 +183,70 @@ async def folded_watermark(connection: asyncpg.Connection, app_id: str, partitio
     return int(min(row["watermark_seq"] for row in rows))
 
 
-async def facts_at(
-    connection: asyncpg.Connection, items: Sequence[tuple[str, str]], at: datetime, known_at: datetime
-) -> dict[str, SubjectFacts]:
+@dataclass(frozen=True, slots=True)
+class Cited:
+    """The ledger columns an answer shows for a seq it rests on, as the API shows them (RFC 3339 text)."""
+
+    seq: int
+    event_id: str
+    event_type: str
+    occurred_at: str
+    recorded_at: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq, "event_id": self.event_id, "event_type": self.event_type,
+            "occurred_at": self.occurred_at, "recorded_at": self.recorded_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionInputs:
+    watermark: int
+    """The highest seq recorded at or before `known_at`."""
+    folded: int
+    """Every entry up to this seq is folded into the state tables."""
+    facts: dict[str, SubjectFacts]
+    cited: dict[int, Cited]
+
+
+async def decision_inputs(
+    connection: asyncpg.Connection, items: Sequence[tuple[str, str]], at: datetime, known_at: datetime,
+    app_id: str, partitions: int,
+) -> DecisionInputs:
     """For each (subject, conversation): the rows that decide eligibility at `at` as known at `known_at`.
 
-    Three queries whatever the number of items: the consent and account intervals containing `at`, and
-    the facts of the asked conversations up to `at`.
+    One round trip whatever the number of items (the state tables' latency is the API's latency).
     """
-    subjects = sorted({subject for subject, _ in items})
+    row = await connection.fetchrow(
+        query("state", "decision_inputs"), [s for s, _ in items], [c for _, c in items], at, known_at,
+        app_id, partitions,
+    )
     consent: dict[str, list[ConsentInterval]] = defaultdict(list)
     account: dict[str, list[AccountInterval]] = defaultdict(list)
     conversations: dict[str, list[ConversationFact]] = defaultdict(list)
-    for row in await connection.fetch(query("state", "consent_at"), subjects, at, known_at):
-        consent[row["subject_id"]].append(ConsentInterval(*_values(row, ConsentInterval)))
-    for row in await connection.fetch(query("state", "account_at"), subjects, at, known_at):
-        account[row["subject_id"]].append(AccountInterval(*_values(row, AccountInterval)))
-    rows = await connection.fetch(
-        query("state", "conversation_facts_until"),
-        [s for s, _ in items], [c for _, c in items], at, known_at,
-    )
-    for row in rows:
-        conversations[row["subject_id"]].append(ConversationFact(*_values(row, ConversationFact)))
-    return {
+    for subject_id, *values in _columns(row, "c", ("subject_id", *COLUMNS_OF[ConsentInterval])):
+        consent[subject_id].append(ConsentInterval(*values))
+    for subject_id, *values in _columns(row, "a", ("subject_id", *COLUMNS_OF[AccountInterval])):
+        account[subject_id].append(AccountInterval(*values))
+    for subject_id, *values in _columns(row, "f", ("subject_id", *COLUMNS_OF[ConversationFact])):
+        conversations[subject_id].append(ConversationFact(*values))
+    facts = {
         subject: SubjectFacts(
             subject,
-            tuple(sorted(consent[subject])),
-            tuple(sorted(account[subject])),
-            tuple(sorted(conversations[subject])),
+            tuple(sorted(consent[subject], key=ConsentInterval.sort_key)),
+            tuple(sorted(account[subject], key=AccountInterval.sort_key)),
+            tuple(sorted(conversations[subject], key=ConversationFact.sort_key)),
         )
-        for subject in subjects
+        for subject, _ in items
     }
+    cited = {values[0]: Cited(*values) for values in _columns(row, "e", [f.name for f in fields(Cited)])}
+    return DecisionInputs(int(row["watermark"]), int(row["folded"]), facts, cited)
+
+
+def _columns(row: Mapping[str, Any], prefix: str, names: Iterable[str]) -> Iterator[tuple[Any, ...]]:
+    """Rows back from a row of column arrays named `<prefix>_<column>` (NULL when there are no rows)."""
+    return zip(*(row[f"{prefix}_{name}"] or () for name in names), strict=True)
 
 
 def _values(row: Mapping[str, Any], cls: type[Any]) -> list[Any]:

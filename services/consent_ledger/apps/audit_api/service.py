@@ -47,7 +47,7 @@ class Question:
 
 def answer_json(
     question: Question, decision: Decision, at: datetime, known_at: datetime, watermark: int,
-    evidence: Mapping[int, LedgerEntry],
+    evidence: EvidenceJson,
 ) -> dict[str, Any]:
     return {
         "subject_id": question.subject_id,
@@ -58,7 +58,7 @@ def answer_json(
         "basis": list(decision.basis),
         "reasons": list(decision.reasons),
         "policy_version": decision.policy_version,
-        "evidence": [evidence_json(evidence[seq]) for seq in decision.evidence_seqs if seq in evidence],
+        "evidence": [evidence[seq] for seq in decision.evidence_seqs if seq in evidence],
         "ledger_watermark": watermark,
     }
 
@@ -71,6 +71,23 @@ def evidence_json(entry: LedgerEntry) -> dict[str, Any]:
         "occurred_at": format_timestamp(entry.occurred_at),
         "recorded_at": format_timestamp(entry.recorded_at),
     }
+
+
+class EvidenceJson:
+    """The evidence objects of one request's answers, each rendered once (a batch cites seqs many times)."""
+
+    def __init__(self, cited: Mapping[int, state_store.Cited]) -> None:
+        self._cited = cited
+        self._rendered: dict[int, dict[str, Any]] = {}
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._cited
+
+    def __getitem__(self, seq: int) -> dict[str, Any]:
+        rendered = self._rendered.get(seq)
+        if rendered is None:
+            rendered = self._rendered[seq] = self._cited[seq].as_json()
+        return rendered
 
 
 class EligibilityService:
@@ -93,21 +110,29 @@ class EligibilityService:
     async def folded(self, connection: asyncpg.Connection) -> int:
         return await state_store.folded_watermark(connection, self.app_id, self.partitions)
 
-    async def _wait_for_state(self, connection: asyncpg.Connection, needed: int) -> None:
+    async def _inputs(
+        self, connection: asyncpg.Connection, questions: Sequence[Question], at: datetime, known_at: datetime,
+        watermark: int | None,
+    ) -> state_store.DecisionInputs:
+        """The state rows for the questions, once everything the question may see is folded (or StateBehind)."""
+        items = [(q.subject_id, q.conversation_id) for q in questions]
         deadline = time.monotonic() + self.state_wait_seconds
         while True:
-            folded = await self.folded(connection)
-            if folded >= needed:
-                return
+            inputs = await state_store.decision_inputs(
+                connection, items, at, known_at, self.app_id, self.partitions
+            )
+            needed = inputs.watermark if watermark is None else watermark
+            if inputs.folded >= needed:
+                return inputs
             if time.monotonic() >= deadline:
-                raise StateBehind(needed, folded)
+                raise StateBehind(needed, inputs.folded)
             await asyncio.sleep(0.02)
 
     async def decide(
         self, questions: Sequence[Question], at: datetime | None, known_at: datetime | None,
         *, watermark: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Answer every question at one `at` and `known_at` (default: now), in four queries in all.
+        """Answer every question at one `at` and `known_at` (default: now), in one query in all.
 
         With `watermark`, knowledge is cut at that seq instead (how a receipt is reproduced).
         """
@@ -117,26 +142,14 @@ class EligibilityService:
             if watermark is not None:
                 known_at = await self.recorded_at_of(connection, watermark)
             known_at = known_at or now
-            if watermark is None:
-                row = await connection.fetchrow(
-                    query("state", "watermark_and_folded"), known_at, self.app_id, self.partitions
-                )
-                watermark = int(row["watermark"])
-                if row["folded"] < watermark:
-                    await self._wait_for_state(connection, watermark)
-            else:
-                await self._wait_for_state(connection, watermark)
-            items = [(q.subject_id, q.conversation_id) for q in questions]
-            facts = await state_store.facts_at(connection, items, at, known_at)
-            decisions = [
-                decide_eligibility(facts[q.subject_id], q.conversation_id, at, self.timeline) for q in questions
-            ]
-            seqs = sorted({seq for d in decisions for seq in d.evidence_seqs})
-            evidence = {
-                row["seq"]: entry_from_row(row)
-                for row in await connection.fetch(query("ledger", "entries_by_seq"), seqs)
-            }
-        return [answer_json(q, d, at, known_at, watermark, evidence) for q, d in zip(questions, decisions, strict=True)]
+            inputs = await self._inputs(connection, questions, at, known_at, watermark)
+        seen = inputs.watermark if watermark is None else watermark
+        evidence = EvidenceJson(inputs.cited)
+        return [
+            answer_json(q, decide_eligibility(inputs.facts[q.subject_id], q.conversation_id, at, self.timeline),
+                        at, known_at, seen, evidence)
+            for q in questions
+        ]
 
     async def recorded_at_of(self, connection: asyncpg.Connection, seq: int) -> datetime:
         if seq == 0:

@@ -33,6 +33,10 @@ ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING;
 SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
 FROM ledger WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3;
 
+-- name: announcements_from
+-- What the outbox publishes: which subject each entry after the cursor is about (the entries stay here).
+SELECT seq, subject_id FROM ledger WHERE seq > $1 ORDER BY seq LIMIT $2;
+
 -- name: entry_by_event_id
 SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
 FROM ledger WHERE event_id = $1;

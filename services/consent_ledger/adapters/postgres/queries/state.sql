@@ -10,8 +10,8 @@ ON CONFLICT (subject_id) DO NOTHING;
 
 -- name: lock_fold_state
 -- A statement of its own after claim_fold_state: it sees (and locks) the rows another worker committed meanwhile.
-SELECT subject_id, folded_seq FROM subject_fold_state WHERE subject_id = ANY($1::text[]) ORDER BY subject_id
-FOR UPDATE;
+SELECT subject_id, folded_seq, recorded_at FROM subject_fold_state WHERE subject_id = ANY($1::text[])
+ORDER BY subject_id FOR UPDATE;
 
 -- name: save_fold_state
 INSERT INTO subject_fold_state (subject_id, folded_seq, recorded_at)
@@ -19,6 +19,13 @@ SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[])
 ON CONFLICT (subject_id) DO UPDATE
 SET folded_seq = EXCLUDED.folded_seq, recorded_at = EXCLUDED.recorded_at
 WHERE subject_fold_state.folded_seq < EXCLUDED.folded_seq;
+
+-- name: save_current_state
+INSERT INTO subject_current_state (subject_id, folded_seq, state)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])
+ON CONFLICT (subject_id) DO UPDATE
+SET folded_seq = EXCLUDED.folded_seq, state = EXCLUDED.state
+WHERE subject_current_state.folded_seq < EXCLUDED.folded_seq;
 
 -- name: subjects_history
 SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
@@ -34,26 +41,73 @@ SET watermark_seq = GREATEST(processor_progress.watermark_seq, EXCLUDED.watermar
 -- name: progress
 SELECT partition, watermark_seq FROM processor_progress WHERE app_id = $1;
 
--- name: consent_at
-SELECT subject_id, valid_from, valid_to, consent_on, choice, policy_version, source_seq
-FROM consent_intervals
-WHERE subject_id = ANY($1::text[])
-  AND (valid_from IS NULL OR valid_from <= $2) AND (valid_to IS NULL OR valid_to > $2)
-  AND known_from <= $3 AND (known_to IS NULL OR known_to > $3);
-
--- name: account_at
-SELECT subject_id, valid_from, valid_to, registered, account_type, deleted, registered_seq, type_seq, deleted_seq
-FROM account_intervals
-WHERE subject_id = ANY($1::text[])
-  AND (valid_from IS NULL OR valid_from <= $2) AND (valid_to IS NULL OR valid_to > $2)
-  AND known_from <= $3 AND (known_to IS NULL OR known_to > $3);
-
--- name: conversation_facts_until
-SELECT f.subject_id, f.conversation_id, f.kind, f.occurred_at, f.seq, f.flag_id, f.counts_for_consent
-FROM conversation_facts f
-JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS q(subject_id, conversation_id)) q
-  ON f.subject_id = q.subject_id AND f.conversation_id = q.conversation_id
-WHERE f.occurred_at <= $3 AND f.known_from <= $4 AND (f.known_to IS NULL OR f.known_to > $4);
+-- name: decision_inputs
+-- Everything a set of questions needs, in one round trip: the watermark `known_at` sees and what is folded; the
+-- consent and account intervals containing `at` and the asked conversations' facts up to `at`, each as known at
+-- `known_at`; and the ledger columns of every seq those rows cite (the evidence an answer may show).
+-- One row of column arrays: asyncpg decodes arrays of scalars several times faster than arrays of records.
+-- $1 subjects, $2 conversations (pairs), $3 at, $4 known_at, $5 app id, $6 partitions.
+WITH asked AS (
+  SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS q(subject_id, conversation_id)
+), subjects AS (
+  SELECT DISTINCT subject_id FROM asked
+), consent AS (
+  -- LATERAL: an index probe per asked subject; a plain IN (...) let the planner scan the whole table.
+  SELECT s.subject_id, c.valid_from, c.valid_to, c.consent_on, c.choice, c.policy_version, c.source_seq
+  FROM subjects s CROSS JOIN LATERAL (
+    SELECT * FROM consent_intervals c
+    WHERE c.subject_id = s.subject_id
+      AND (c.valid_from IS NULL OR c.valid_from <= $3) AND (c.valid_to IS NULL OR c.valid_to > $3)
+      AND c.known_from <= $4 AND (c.known_to IS NULL OR c.known_to > $4)
+    OFFSET 0  -- keeps the subquery from being flattened into a hash join over the table
+  ) c
+), account AS (
+  SELECT s.subject_id, a.valid_from, a.valid_to, a.registered, a.account_type, a.deleted,
+         a.registered_seq, a.type_seq, a.deleted_seq
+  FROM subjects s CROSS JOIN LATERAL (
+    SELECT * FROM account_intervals a
+    WHERE a.subject_id = s.subject_id
+      AND (a.valid_from IS NULL OR a.valid_from <= $3) AND (a.valid_to IS NULL OR a.valid_to > $3)
+      AND a.known_from <= $4 AND (a.known_to IS NULL OR a.known_to > $4)
+    OFFSET 0
+  ) a
+), facts AS (
+  SELECT f.subject_id, f.conversation_id, f.kind, f.occurred_at, f.seq, f.flag_id, f.counts_for_consent
+  FROM conversation_facts f JOIN asked q ON f.subject_id = q.subject_id AND f.conversation_id = q.conversation_id
+  WHERE f.occurred_at <= $3 AND f.known_from <= $4 AND (f.known_to IS NULL OR f.known_to > $4)
+), cited AS (
+  -- Rendered here as the API shows them (RFC 3339, six digits, Z): PostgreSQL formats them faster than Python.
+  SELECT l.seq, l.event_id::text AS event_id, l.event_type,
+         to_char(l.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS occurred_at,
+         to_char(l.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS recorded_at
+  FROM ledger l
+  WHERE l.seq IN (SELECT source_seq FROM consent
+                  UNION ALL SELECT unnest(ARRAY[registered_seq, type_seq, deleted_seq]) FROM account
+                  UNION ALL SELECT seq FROM facts)
+)
+SELECT
+  coalesce((SELECT seq FROM ledger WHERE recorded_at <= $4 ORDER BY recorded_at DESC, seq DESC LIMIT 1), 0)
+    AS watermark,
+  (SELECT CASE WHEN count(*) >= $6 THEN min(watermark_seq) ELSE 0 END FROM processor_progress WHERE app_id = $5)
+    AS folded,
+  c.*, a.*, f.*, e.*
+FROM (SELECT array_agg(subject_id) AS c_subject_id, array_agg(valid_from) AS c_valid_from,
+             array_agg(valid_to) AS c_valid_to, array_agg(consent_on) AS c_consent_on, array_agg(choice) AS c_choice,
+             array_agg(policy_version) AS c_policy_version, array_agg(source_seq) AS c_source_seq
+      FROM consent) c,
+     (SELECT array_agg(subject_id) AS a_subject_id, array_agg(valid_from) AS a_valid_from,
+             array_agg(valid_to) AS a_valid_to, array_agg(registered) AS a_registered,
+             array_agg(account_type) AS a_account_type, array_agg(deleted) AS a_deleted,
+             array_agg(registered_seq) AS a_registered_seq, array_agg(type_seq) AS a_type_seq,
+             array_agg(deleted_seq) AS a_deleted_seq
+      FROM account) a,
+     (SELECT array_agg(subject_id) AS f_subject_id, array_agg(conversation_id) AS f_conversation_id,
+             array_agg(kind) AS f_kind, array_agg(occurred_at) AS f_occurred_at, array_agg(seq) AS f_seq,
+             array_agg(flag_id) AS f_flag_id, array_agg(counts_for_consent) AS f_counts_for_consent
+      FROM facts) f,
+     (SELECT array_agg(seq) AS e_seq, array_agg(event_id) AS e_event_id, array_agg(event_type) AS e_event_type,
+             array_agg(occurred_at) AS e_occurred_at, array_agg(recorded_at) AS e_recorded_at
+      FROM cited) e;
 
 -- name: consent_timeline
 SELECT valid_from, valid_to, consent_on, choice, policy_version, source_seq
@@ -72,13 +126,6 @@ FROM (SELECT subject_id, max(seq) AS max_seq FROM ledger WHERE subject_id IS NOT
 FULL JOIN subject_fold_state s ON s.subject_id = l.subject_id
 WHERE l.max_seq IS DISTINCT FROM s.folded_seq
 ORDER BY 1 LIMIT $1;
-
--- name: watermark_and_folded
--- One round trip for the two numbers every question needs: what it may see, and what is folded.
-SELECT coalesce((SELECT seq FROM ledger WHERE recorded_at <= $1 ORDER BY recorded_at DESC, seq DESC LIMIT 1), 0)
-         AS watermark,
-       (SELECT CASE WHEN count(*) >= $3 THEN min(watermark_seq) ELSE 0 END
-          FROM processor_progress WHERE app_id = $2) AS folded;
 
 -- name: subjects_between
 -- The subjects with entries in (a partition's last watermark, its new one]: what a tick promises is folded.
