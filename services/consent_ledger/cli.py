@@ -107,10 +107,12 @@ def migrate() -> None:
 def ledger_writer() -> None:
     """Run the ledger writer (and the outbox feeding ledger.entries) until SIGTERM."""
     from consent_ledger.adapters.logs import configure_logging
+    from consent_ledger.apps.lifecycle import tune_gc
     from consent_ledger.apps.writer_service import run_writer_service
 
     settings = require_servers(load_settings())
     configure_logging(settings.log_level)
+    tune_gc()
     uvloop.run(run_writer_service(settings))
 
 
@@ -205,10 +207,12 @@ def replay(
     policy: Annotated[Path | None, typer.Option(help="'what if' under this policy timeline JSON")] = None,
 ) -> None:
     """Rebuild all state from the ledger, compare with the live tables, verify, re-audit; non-zero on any difference."""
+    from consent_ledger.apps.lifecycle import tune_gc
     from consent_ledger.apps.replay import run_replay
 
     settings = load_settings()
     require_database(settings)
+    tune_gc()
     code = asyncio.run(run_replay(settings, report_path=report, until=parse_instant(until, "--until"),
                                   policy_file=policy, progress=sys.stderr.isatty()))
     raise typer.Exit(code)

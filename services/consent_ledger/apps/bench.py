@@ -119,10 +119,16 @@ class RssSampler:
         return round(self.peak_mb, 1)
 
 
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+"""Every service this run started: stopped at the end whatever happens (an interrupted run leaves nothing)."""
+
+
 def _spawn(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "consent_ledger", command], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-m", "consent_ledger", command], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    _SPAWNED.append(process)
+    return process
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -210,14 +216,20 @@ def _wait(predicate: Any, what: str, timeout: float) -> None:
 def run_bench(
     settings: Settings, *, events: int, subjects: int, output: Path, writers: int = 1, query_scale: int = 0
 ) -> int:
+    # SIGTERM unwinds like Ctrl-C: the services and the embedded servers are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="consent-ledger-bench-") as scratch:
         base = settings.model_copy(update={
             "data_dir": Path(scratch), "auditor_tokens": _secret(TOKEN), "api_port": free_port(),
             "readiness_max_lag": 10**9,
         })
         with running_stack(base) as live:
-            results = _measure(live, Path(scratch), events=events, subjects=subjects, writers=writers,
-                               query_scale=query_scale)
+            try:
+                results = _measure(live, Path(scratch), events=events, subjects=subjects, writers=writers,
+                                   query_scale=query_scale)
+            finally:
+                for process in _SPAWNED:
+                    _stop(process)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     print(render_table(results))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -15,6 +16,20 @@ from consent_ledger.adapters.postgres.migrations import pending_migrations
 from consent_ledger.config import Settings
 
 log = logging.getLogger("consent_ledger.lifecycle")
+
+# The services allocate many short-lived, acyclic objects (entries, facts, rows) while holding many long-lived ones
+# (the app, caches); CPython's default thresholds (700, 10, 10) then spend about a third of a processor's CPU
+# walking them (measured: folding 1,000,000 entries in-process took 72.8 s of CPU by default, 48.2 s with these,
+# 10,500 -> 15,200 entries/s). Reference counting still frees acyclic garbage at once; only cycles wait longer.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """For a long-running service, once started: freeze what exists (imports, the app; also measured on the API:
+    single questions p50 4.3 -> 3.1 ms) and collect cycles less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -6,7 +6,7 @@ import asyncio
 
 import faust
 
-from consent_ledger.apps.lifecycle import serve_metrics, wait_for_dependencies
+from consent_ledger.apps.lifecycle import serve_metrics, tune_gc, wait_for_dependencies
 from consent_ledger.apps.stream_processor import build_app
 from consent_ledger.config import Settings
 
@@ -20,6 +20,7 @@ def run_processor_service(settings: Settings) -> None:
     if not asyncio.run(ready()):
         return
     app = build_app(settings)
+    tune_gc()
     # faust's Worker owns the event loop and turns SIGTERM/SIGINT into a clean stop (offsets committed).
     worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

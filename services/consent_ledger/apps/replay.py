@@ -22,6 +22,7 @@ from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import entry_from_row, stream_entries
 from consent_ledger.adapters.postgres.queries import query
 from consent_ledger.adapters.postgres.state_store import COLUMNS_OF, TABLE_OF, plan_writes
+from consent_ledger.apps.lifecycle import tune_gc
 from consent_ledger.apps.progress import progress_bar
 from consent_ledger.config import Settings
 from consent_ledger.core.eligibility import Decision, decide_eligibility
@@ -109,6 +110,7 @@ def _peak_rss_mb() -> float:
 
 def _verify_chain_in_process(database_url: str, until: datetime | None, total: int) -> tuple[dict[str, Any], float]:
     """The verifying process: its own event loop and connection; returns the result and its peak RSS."""
+    tune_gc()
 
     async def verify() -> dict[str, Any]:
         connection = await connect(database_url)
