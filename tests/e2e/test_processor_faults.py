@@ -37,7 +37,7 @@ from system_support import (
     wait_for,
 )
 
-from consent_ledger.adapters.kafka.ledger_feed import announce, announcement_messages
+from consent_ledger.adapters.kafka.ledger_feed import Announcement, announcement_messages
 from consent_ledger.adapters.policy_files import load_timeline
 from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.connection import connect
@@ -190,7 +190,7 @@ async def test_two_workers_folding_one_new_subject_at_once_fold_it_once(
             appended = (await append(writer, [Candidate(EntryContent.of_event(e)) for e in events])).appended
     finally:
         await writer.close()
-    messages = [(0, m) for entry in appended for m in announcement_messages(announce([entry]))]
+    messages = [(0, m) for e in appended for m in announcement_messages([Announcement(e.subject_id, e.seq)])]
 
     paused, release = asyncio.Event(), asyncio.Event()
     write_plan = state_store.write_plan

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from consent_ledger.adapters.kafka.ledger_feed import announce, announcement_messages, tick_message
+from consent_ledger.adapters.kafka.ledger_feed import Announcement, announcement_messages, tick_message
 from consent_ledger.adapters.policy_files import load_timeline
 from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
@@ -84,7 +84,7 @@ async def test_any_batching_and_redelivery_gives_the_rows_of_one_fold(
     await folder.start()
     try:
         entries = await ledger(ledger_db, "split")
-        messages = [(0, message) for e in entries for message in announcement_messages(announce([e]))]
+        messages = [(0, m) for e in entries for m in announcement_messages([Announcement(e.subject_id, e.seq)])]
         rng = random.Random(seed)
         cuts = sorted(rng.sample(range(1, len(messages)), 3))
         # At-least-once: after a restart, delivery resumes a little before where it had got to.
@@ -113,7 +113,8 @@ async def test_entries_lost_by_the_feed_are_folded_from_the_ledger(
         lossy = await ledger(ledger_db, "lossy")
         rng = random.Random(seed)
         delivered = [e for e in lossy if rng.random() < 0.5]  # half of the messages never arrive
-        await folder.fold_batch([(0, m) for m in announcement_messages(announce(delivered))])
+        announced = [Announcement(e.subject_id, e.seq) for e in delivered]
+        await folder.fold_batch([(0, m) for m in announcement_messages(announced)])
         await folder.fold_batch([(0, tick_message(lossy[-1].seq, 1))])
     finally:
         await folder.stop()

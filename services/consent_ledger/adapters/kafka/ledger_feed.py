@@ -11,8 +11,6 @@ from typing import NamedTuple
 import orjson
 from aiokafka.partitioner import murmur2
 
-from consent_ledger.core.ledger import LedgerEntry
-
 ANNOUNCEMENTS_PER_MESSAGE = 5000
 """About 300 KB of JSON: well under the brokers' default 1 MB message limit."""
 
@@ -51,11 +49,6 @@ def announcement_messages(announcements: Sequence[Announcement]) -> Iterator[byt
     for start in range(0, len(announcements), ANNOUNCEMENTS_PER_MESSAGE):
         chunk = announcements[start : start + ANNOUNCEMENTS_PER_MESSAGE]
         yield orjson.dumps({"kind": "entries", "entries": [{"subject_id": a.subject_id, "seq": a.seq} for a in chunk]})
-
-
-def announce(entries: Sequence[LedgerEntry]) -> list[Announcement]:
-    """The announcements of entries about subjects (receipts and policy entries have none to fold)."""
-    return [Announcement(e.subject_id, e.seq) for e in entries if e.subject_id is not None]
 
 
 def tick_message(seq: int, partitions: int) -> bytes:
