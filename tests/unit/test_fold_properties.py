@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from consent_ledger.core.bitemporal import BitemporalFacts, Known, KnownFacts
 from consent_ledger.core.eligibility import decide_eligibility, decide_from_entries
 from consent_ledger.core.facts import consent_on, fold_subject
-from consent_ledger.core.increments import Fact, fold_increments
+from consent_ledger.core.increments import Fact, FactChange, all_facts, fold_increments
 from consent_ledger.core.ledger import LedgerEntry
 from consent_ledger.core.policy import DEFAULT_TIMELINE
 from spec_reference import spec_account_type, spec_answer, spec_consent_on
@@ -207,6 +207,29 @@ def test_fold_increments_deltas_rebuild_the_replay(entries: list[LedgerEntry]) -
     replay = replayed(entries)
     for subject in subjects_of(entries):
         assert _rows_from_deltas(entries, subject) == set(all_rows(replay.history(subject)))
+
+
+def naive_increments(subject: str, entries: Sequence[LedgerEntry]) -> list[FactChange]:
+    """Fold the whole known history again after every transaction, and diff: the definition of a step."""
+    changes, known, before = [], [], frozenset[Fact]()
+    for recorded_at in sorted({e.recorded_at for e in entries}):
+        known.extend(e for e in entries if e.recorded_at == recorded_at)
+        after = all_facts(fold_subject(subject, known, DEFAULT_TIMELINE))
+        if after != before:
+            changes.append(FactChange(subject, recorded_at, before - after, after - before))
+        before = after
+    return changes
+
+
+@PROPERTY_SETTINGS
+@given(ledgers())
+def test_fold_increments_equals_folding_everything_again_at_each_transaction(entries: list[LedgerEntry]) -> None:
+    """The shortcut for steps of conversation events only changes no delta and no fact."""
+    for subject in subjects_of(entries):
+        mine = [e for e in entries if e.subject_id == subject]
+        changes, facts = fold_increments(subject, [], mine, DEFAULT_TIMELINE)
+        assert changes == naive_increments(subject, mine)
+        assert facts == fold_subject(subject, mine, DEFAULT_TIMELINE)
 
 
 @PROPERTY_SETTINGS

@@ -20,12 +20,13 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import psutil
 
@@ -166,17 +167,17 @@ async def _raw_copy_limit(admin_url: str, events: int, subjects: int) -> float:
         columns = ("seq", "recorded_at", "event_id", "event_type", "subject_id", "occurred_at", "producer", "body",
                    "entry_hash")
         now = datetime.now(UTC)
-        started = time.perf_counter()
+        elapsed = 0.0
         rows: list[tuple[Any, ...]] = []
         for seq, event in enumerate(history(events, subjects), start=1):
             rows.append((seq, now, event.event_id, event.event_type.value, event.subject_id, event.occurred_at,
                          event.producer, dict(event.body), hashlib.sha256(event.event_id.bytes).digest()))
-            if len(rows) == 10_000:
+            if len(rows) == 10_000 or seq == events:
+                # Only the COPY is timed: generating the rows is the benchmark's work, not the database's.
+                started = time.perf_counter()
                 await connection.copy_records_to_table("bench_raw", columns=columns, records=rows)
+                elapsed += time.perf_counter() - started
                 rows.clear()
-        if rows:
-            await connection.copy_records_to_table("bench_raw", columns=columns, records=rows)
-        elapsed = time.perf_counter() - started
         await connection.execute("DROP TABLE bench_raw")
         return events / elapsed
     finally:
@@ -262,16 +263,16 @@ def _measure(
     results["produce_events_per_s"] = round(report.sent / (time.perf_counter() - started))
     print(f"  produced: {results['produce_events_per_s']:,} events/s ({report.sent:,} acknowledged)")
 
-    ledger_count = "SELECT count(*) FROM ledger WHERE subject_id IS NOT NULL"
     writer_processes = [_spawn("ledger-writer", env, scratch / f"writer-{i}.log") for i in range(writers)]
     writer_rss = [RssSampler(w.pid) for w in writer_processes]
-    started = time.perf_counter()
-    _wait(lambda: asyncio.run(_count(live.database_url or "", ledger_count)) >= report.sent, "ingest", 3600)
-    ingest = report.sent / (time.perf_counter() - started)
-    results["ingest_events_per_s"] = round(ingest)
+    results["ingest"] = asyncio.run(_ingest_rate(live, report.sent))
+    ingest = results["ingest"]["steady_events_per_s"]
+    results["ingest_events_per_s"] = ingest
     results["ingest_vs_raw"] = round(ingest / raw, 3)
     results["writers"] = writers
-    print(f"  ingest: {ingest:,.0f} events/s = {ingest / raw:.2f} x raw COPY ({writers} writer process(es))")
+    print(f"  ingest: {ingest:,.0f} events/s = {ingest / raw:.2f} x raw COPY ({writers} writer process(es)), "
+          f"{results['ingest']['startup_s']} s to start; {results['ingest']['with_startup_events_per_s']:,} "
+          "events/s with the start")
 
     processor = _spawn("stream-processor", env, scratch / "processor.log")
     processor_rss = RssSampler(processor.pid)
@@ -390,28 +391,54 @@ async def _append_history(live: Settings, target: int, *, subjects: int) -> int:
         await connection.close()
 
 
-async def _fold_rate(live: Settings, head: int) -> dict[str, Any]:
-    """Entries per second once the worker folds (the group join before it is reported apart)."""
+async def _steady_rate(
+    live: Settings, progress: Callable[[asyncpg.Connection], Awaitable[int]], target: int, what: str
+) -> dict[str, Any]:
+    """Units per second of `progress` once it has started moving (the start-up before it is reported apart)."""
     connection = await connect(live.database_url or "")
     try:
         started = time.perf_counter()
         first: tuple[float, int] | None = None
         while True:
-            folded = await folded_watermark(connection, live.processor_group_id, live.topic_partitions)
+            done = await progress(connection)
             now = time.perf_counter()
-            if first is None and folded > 0:
-                first = (now, folded)
-            if folded >= head:
+            if first is None and done > 0:
+                first = (now, done)
+            if done >= target:
                 break
             if now - started > 3600:
-                raise RuntimeError("timed out waiting for the fold")
+                raise RuntimeError(f"timed out waiting for the {what}")
             await asyncio.sleep(0.1)
     finally:
         await connection.close()
     assert first is not None
-    steady = (head - first[1]) / max(now - first[0], 1e-9)
-    return {"steady_entries_per_s": round(steady), "startup_s": round(first[0] - started, 1),
-            "with_startup_entries_per_s": round(head / (now - started))}
+    return {"steady_per_s": round((target - first[1]) / max(now - first[0], 1e-9)),
+            "startup_s": round(first[0] - started, 1), "with_startup_per_s": round(target / (now - started))}
+
+
+async def _ingest_rate(live: Settings, sent: int) -> dict[str, Any]:
+    """Events per second into the ledger once the writers append, from the offsets they store with each
+    transaction: reading them costs nothing, where counting the ledger's rows would load the database."""
+
+    async def consumed(connection: asyncpg.Connection) -> int:
+        return int(await connection.fetchval(
+            "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets WHERE group_id = $1", live.writer_group_id
+        ))
+
+    rate = await _steady_rate(live, consumed, sent, "ingest")
+    return {"steady_events_per_s": rate["steady_per_s"], "startup_s": rate["startup_s"],
+            "with_startup_events_per_s": rate["with_startup_per_s"]}
+
+
+async def _fold_rate(live: Settings, head: int) -> dict[str, Any]:
+    """Entries per second once the worker folds (the group join before it is reported apart)."""
+
+    async def folded(connection: asyncpg.Connection) -> int:
+        return await folded_watermark(connection, live.processor_group_id, live.topic_partitions)
+
+    rate = await _steady_rate(live, folded, head, "fold")
+    return {"steady_entries_per_s": rate["steady_per_s"], "startup_s": rate["startup_s"],
+            "with_startup_entries_per_s": rate["with_startup_per_s"]}
 
 
 async def _end_to_end(live: Settings, *, rate: int, seconds: int) -> dict[str, Any]:
@@ -499,8 +526,8 @@ def _at_scale_row(results: dict[str, Any]) -> list[tuple[str, str, str]]:
 def render_table(results: dict[str, Any]) -> str:
     raw = results["raw_copy_rows_per_s"]
     rows = [
-        ("raw limit (COPY, same rows, same indexes)", f"{raw:,} rows/s", ""),
-        ("ingest (Kafka -> committed ledger rows)", f"{results['ingest_events_per_s']:,} events/s",
+        ("raw limit (COPY of the same rows, same indexes; only the COPY timed)", f"{raw:,} rows/s", ""),
+        ("ingest (Kafka -> committed ledger rows, once appending)", f"{results['ingest_events_per_s']:,} events/s",
          f"{results['ingest_vs_raw']:.2f} x raw (target >= 0.5)"),
         ("fold (one stream-processor worker, once folding)",
          f"{results['fold_entries_per_s_per_worker']:,} entries/s (after {results['fold']['startup_s']} s "

@@ -239,18 +239,16 @@ async def _compare(writer: asyncpg.Connection, until: datetime | None) -> dict[s
         live = (f"SELECT {columns}, CASE WHEN known_to > $1 THEN NULL ELSE known_to END AS known_to "
                 f"FROM {table} WHERE known_from <= $1")
         rebuilt = f"SELECT {columns}, known_to FROM replay_{table}"
-        extra = await writer.fetch(f"SELECT * FROM ({live} EXCEPT ALL {rebuilt}) d LIMIT {EXAMPLES}", cut)
-        missing = await writer.fetch(f"SELECT * FROM ({rebuilt} EXCEPT ALL {live}) d LIMIT {EXAMPLES}", cut)
-        n_extra = await writer.fetchval(f"SELECT count(*) FROM ({live} EXCEPT ALL {rebuilt}) d", cut)
-        n_missing = await writer.fetchval(f"SELECT count(*) FROM ({rebuilt} EXCEPT ALL {live}) d", cut)
+        n_extra, extra = await _difference(writer, f"{live} EXCEPT ALL {rebuilt}", cut)
+        n_missing, missing = await _difference(writer, f"{rebuilt} EXCEPT ALL {live}", cut)
         rows = await writer.fetchval(f"SELECT count(*) FROM replay_{table}")
         differences += n_extra + n_missing
         tables[table] = {
             "rebuilt_rows": rows,
             "extra_in_live": n_extra,
             "missing_from_live": n_missing,
-            "examples_extra": [_jsonable(dict(r)) for r in extra],
-            "examples_missing": [_jsonable(dict(r)) for r in missing],
+            "examples_extra": [_jsonable(r) for r in extra],
+            "examples_missing": [_jsonable(r) for r in missing],
         }
     fold_state = []
     if until is None:
@@ -265,15 +263,24 @@ async def _compare(writer: asyncpg.Connection, until: datetime | None) -> dict[s
 async def _compare_current_state(writer: asyncpg.Connection) -> dict[str, Any]:
     live = f"SELECT subject_id, folded_seq, state FROM {CURRENT_STATE_TABLE}"
     rebuilt = f"SELECT subject_id, folded_seq, state FROM replay_{CURRENT_STATE_TABLE}"
-    extra = await writer.fetch(f"SELECT * FROM ({live} EXCEPT ALL {rebuilt}) d LIMIT {EXAMPLES}")
-    missing = await writer.fetch(f"SELECT * FROM ({rebuilt} EXCEPT ALL {live}) d LIMIT {EXAMPLES}")
+    n_extra, extra = await _difference(writer, f"{live} EXCEPT ALL {rebuilt}")
+    n_missing, missing = await _difference(writer, f"{rebuilt} EXCEPT ALL {live}")
     return {
         "rebuilt_rows": await writer.fetchval(f"SELECT count(*) FROM replay_{CURRENT_STATE_TABLE}"),
-        "extra_in_live": await writer.fetchval(f"SELECT count(*) FROM ({live} EXCEPT ALL {rebuilt}) d"),
-        "missing_from_live": await writer.fetchval(f"SELECT count(*) FROM ({rebuilt} EXCEPT ALL {live}) d"),
-        "examples_extra": [dict(r) for r in extra],
-        "examples_missing": [dict(r) for r in missing],
+        "extra_in_live": n_extra,
+        "missing_from_live": n_missing,
+        "examples_extra": extra,
+        "examples_missing": missing,
     }
+
+
+async def _difference(writer: asyncpg.Connection, rows_sql: str, *args: Any) -> tuple[int, list[dict[str, Any]]]:
+    """How many rows a set difference has, and the first few, in one pass (it sorts or hashes whole tables)."""
+    rows = await writer.fetch(
+        f"SELECT d.*, count(*) OVER () AS difference_total FROM ({rows_sql}) d LIMIT {EXAMPLES}", *args
+    )
+    examples = [{k: v for k, v in row.items() if k != "difference_total"} for row in rows]
+    return (rows[0]["difference_total"] if rows else 0), examples
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

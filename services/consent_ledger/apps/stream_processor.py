@@ -111,39 +111,49 @@ class SubjectFolder:
                 announced[subject_id] = max(announced.get(subject_id, 0), announcement.seq)
         touched: dict[str, SubjectFacts] = {}
         async with pool.acquire() as connection, connection.transaction():
-            for subject_id, last_seq in (await self._promised_by_ticks(connection, ticks)).items():
-                announced[subject_id] = max(announced.get(subject_id, 0), last_seq)
-            state = await state_store.lock_fold_state(connection, list(announced))
-            folded = {subject_id: s.seq for subject_id, s in state.items()}
-            behind = {s: upto for s, upto in announced.items() if upto > folded[s]}
-            entries = await self._entries_to_fold(connection, behind, folded)
-            histories, kept = await self._histories(connection, folded, list(entries))
-            changes = []
-            new_state: dict[str, tuple[int, datetime]] = {}
-            for subject_id, fresh in entries.items():
-                history = histories[subject_id]
-                subject_changes, facts = fold_increments(
-                    subject_id, history, fresh, self.timeline, kept.get(subject_id)
-                )
-                changes.extend(subject_changes)
-                history.extend(fresh)
-                new_state[subject_id] = (fresh[-1].seq, fresh[-1].recorded_at)
-                touched[subject_id] = facts
-            folded_at = {subject_id: state[subject_id].recorded_at for subject_id in entries}
-            await state_store.write_plan(connection, state_store.plan_writes(changes, folded_at))
-            await state_store.save_fold_state(connection, new_state)
-            await state_store.save_current_state(
-                connection, {s: (new_state[s][0], current_state(facts)) for s, facts in touched.items()}
-            )
+            folded = await self._fold_subjects(connection, announced, touched)
+            # What the ticks promise, once the announced entries are folded: normally nothing is left behind.
+            promised = await self._behind_ticks(connection, ticks)
+            if promised:
+                folded += await self._fold_subjects(connection, promised, touched)
             await state_store.save_progress(
                 connection, self.settings.processor_group_id, {p: t.seq for p, t in ticks.items()}
             )
-        for subject_id, (seq, _) in new_state.items():
-            self.cache.put(subject_id, seq, histories[subject_id], touched[subject_id])
-        metrics.ENTRIES_FOLDED.inc(sum(len(e) for e in entries.values()))
+        metrics.ENTRIES_FOLDED.inc(folded)
         metrics.FOLD_BATCH_SIZE.observe(len(messages))
         metrics.FOLD_LATENCY.observe(time.perf_counter() - started)
         return touched
+
+    async def _fold_subjects(
+        self, connection: asyncpg.Connection, announced: dict[str, int], touched: dict[str, SubjectFacts]
+    ) -> int:
+        """Fold each subject's entries up to its announced seq, inside the caller's transaction; how many."""
+        if not announced:
+            return 0
+        state = await state_store.lock_fold_state(connection, list(announced))
+        folded = {subject_id: s.seq for subject_id, s in state.items()}
+        behind = {s: upto for s, upto in announced.items() if upto > folded[s]}
+        entries = await self._entries_to_fold(connection, behind, folded)
+        histories, kept = await self._histories(connection, folded, list(entries))
+        changes = []
+        new_state: dict[str, tuple[int, datetime]] = {}
+        for subject_id, fresh in entries.items():
+            history = histories[subject_id]
+            subject_changes, facts = fold_increments(subject_id, history, fresh, self.timeline, kept.get(subject_id))
+            changes.extend(subject_changes)
+            history.extend(fresh)
+            new_state[subject_id] = (fresh[-1].seq, fresh[-1].recorded_at)
+            touched[subject_id] = facts
+        folded_at = {subject_id: state[subject_id].recorded_at for subject_id in entries}
+        await state_store.write_plan(connection, state_store.plan_writes(changes, folded_at))
+        await state_store.save_fold_state(connection, new_state)
+        await state_store.save_current_state(
+            connection, {s: (new_state[s][0], current_state(touched[s])) for s in new_state}
+        )
+        # Cached as the transaction will leave them; a rollback leaves folded_seq behind, and the cache misses.
+        for subject_id, (seq, _) in new_state.items():
+            self.cache.put(subject_id, seq, histories[subject_id], touched[subject_id])
+        return sum(len(e) for e in entries.values())
 
     async def _entries_to_fold(
         self, connection: asyncpg.Connection, behind: dict[str, int], folded: dict[str, int]
@@ -160,24 +170,32 @@ class SubjectFolder:
             entries.setdefault(entry.subject_id, []).append(entry)
         return entries
 
-    async def _promised_by_ticks(
-        self, connection: asyncpg.Connection, ticks: dict[int, WatermarkTick]
-    ) -> dict[str, int]:
-        """Subjects of each ticked partition with entries since its last watermark: all must be folded."""
+    async def _behind_ticks(self, connection: asyncpg.Connection, ticks: dict[int, WatermarkTick]) -> dict[str, int]:
+        """Subjects of the ticked partitions with entries since their last watermark that are folded less far.
+
+        One query over all ticked ranges, which PostgreSQL checks against the fold state itself: only what is
+        behind comes back (before, every subject of every range did, once per partition).
+        """
         if not ticks:
             return {}
         rows = await connection.fetch(
             query("state", "progress_of"), self.settings.processor_group_id, sorted(ticks)
         )
         previous = {row["partition"]: row["watermark_seq"] for row in rows}
+        ranges = {
+            p: (previous.get(p, 0), tick) for p, tick in ticks.items()
+            if tick.partitions and tick.seq > previous.get(p, 0)
+        }
+        if not ranges:
+            return {}
+        low = min(after for after, _ in ranges.values())
+        high = max(tick.seq for _, tick in ranges.values())
         promised: dict[str, int] = {}
-        for partition, tick in ticks.items():
-            after = previous.get(partition, 0)
-            if tick.partitions == 0 or tick.seq <= after:
-                continue
-            for row in await connection.fetch(query("state", "subjects_between"), after, tick.seq):
-                if partition_of(row["subject_id"], tick.partitions) == partition:
-                    promised[row["subject_id"]] = row["last_seq"]
+        for row in await connection.fetch(query("state", "subjects_behind"), low, high):
+            subject_id = row["subject_id"]
+            for partition, (_, tick) in ranges.items():
+                if partition_of(subject_id, tick.partitions) == partition and row["first_seq"] <= tick.seq:
+                    promised[subject_id] = row["last_seq"]
         return promised
 
     async def _histories(

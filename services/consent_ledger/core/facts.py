@@ -34,6 +34,8 @@ KIND_OF_EVENT: dict[str, ConversationKind] = {
     EventType.SAFETY_FLAGGED: ConversationKind.FLAGGED,
     EventType.SAFETY_CLEARED: ConversationKind.CLEARED,
 }
+CONVERSATION_EVENT_TYPES = frozenset(KIND_OF_EVENT)
+"""The event types that become conversation facts and change no interval."""
 ACTIVITY_KINDS = frozenset({ConversationKind.STARTED, ConversationKind.RESUMED})
 """The setting applies to new or resumed chats: only these can count for the `consent` basis."""
 
@@ -323,6 +325,28 @@ def _conversation_facts(
             )
         )
     return facts
+
+
+def _in_spec_order(fact: ConversationFact) -> tuple[datetime, int]:
+    return (fact.occurred_at, fact.seq)
+
+
+def with_conversation_events(
+    facts: SubjectFacts, entries: Sequence[LedgerEntry]
+) -> tuple[SubjectFacts, list[ConversationFact]]:
+    """`facts` (a fold of a non-empty history) after conversation events only, and the facts they add.
+
+    Equal to folding the whole history again, at the cost of the new events alone: a conversation event changes
+    no consent or account interval, and its fact depends only on itself and the intervals at its instant.
+    """
+    if not facts.consent or not facts.account:
+        raise ValueError(f"the facts of {facts.subject_id!r} are not a fold: they have no intervals to read")
+    if any(e.event_type not in CONVERSATION_EVENT_TYPES for e in entries):
+        raise ValueError("with_conversation_events folds conversation events only")
+    ordered = sorted(entries, key=lambda e: (e.occurred_at, e.seq))
+    added = _conversation_facts(ordered, facts.consent, facts.account)
+    conversations = tuple(sorted((*facts.conversations, *added), key=_in_spec_order))
+    return SubjectFacts(facts.subject_id, facts.consent, facts.account, conversations), added
 
 
 def subject_history(subject_id: str, entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:

@@ -155,12 +155,18 @@ class ChainVerifier:
         self.previous_recorded_at: datetime | None = None
         self.checked = 0
         self.first_break: ChainBreak | None = None
+        # The entries of one append transaction share their recorded_at: its text is formatted once for all.
+        self._recorded_at: datetime | None = None
+        self._recorded_at_text = ""
 
     def feed(self, entries: Iterable[LedgerEntry]) -> ChainBreak | None:
         for entry in entries:
             if self.first_break is not None:
                 return self.first_break
-            expected = chain_hash(self.previous_hash, entry.seq, entry.recorded_at, entry.content)
+            if entry.recorded_at != self._recorded_at:
+                self._recorded_at, self._recorded_at_text = entry.recorded_at, format_timestamp(entry.recorded_at)
+            canonical = _canonical(entry.seq, self._recorded_at_text, entry.content)
+            expected = hashlib.sha256(self.previous_hash + canonical).digest()
             detail = ""
             if entry.seq != self.previous_seq + 1:
                 detail = f"gap: seq {entry.seq} follows seq {self.previous_seq}"

@@ -90,11 +90,15 @@ async def write_plan(connection: asyncpg.Connection, plan: WritePlan) -> int:
             list(subjects), list(hashes), list(known_to),
         )
         touched += int(status.split()[-1])
-        # A fact opened and closed at one transaction time was never visible: no row at all.
-        await connection.execute(
-            f"DELETE FROM {TABLE_OF[cls]} WHERE subject_id = ANY($1::text[]) AND known_to = known_from",
-            list(set(subjects)),
-        )
+        # A fact opened and closed at one transaction time was never visible: no row at all. Only a transaction
+        # split over two batches can do that to a row of an earlier batch (it was opened at the time the earlier
+        # batch folded last), so only those subjects' rows are looked at, when the plan knows that time.
+        folded_at = plan.folded_at
+        split = sorted({s for s, _, t in closes if folded_at is None or folded_at.get(s) == t})
+        if split:
+            await connection.execute(
+                f"DELETE FROM {TABLE_OF[cls]} WHERE subject_id = ANY($1::text[]) AND known_to = known_from", split
+            )
     for cls, rows in plan.inserts.items():
         if plan.folded_at is None:
             rows = await _reopen(connection, cls, rows)

@@ -46,14 +46,14 @@ class Question:
 
 
 def answer_json(
-    question: Question, decision: Decision, at: datetime, known_at: datetime, watermark: int,
-    evidence: EvidenceJson,
+    question: Question, decision: Decision, at: str, known_at: str, watermark: int, evidence: EvidenceJson,
 ) -> dict[str, Any]:
+    """One answer; `at` and `known_at` come formatted, once for all the answers of a request."""
     return {
         "subject_id": question.subject_id,
         "conversation_id": question.conversation_id,
-        "at": format_timestamp(at),
-        "known_at": format_timestamp(known_at),
+        "at": at,
+        "known_at": known_at,
         "eligible": decision.eligible,
         "basis": list(decision.basis),
         "reasons": list(decision.reasons),
@@ -145,9 +145,10 @@ class EligibilityService:
             inputs = await self._inputs(connection, questions, at, known_at, watermark)
         seen = inputs.watermark if watermark is None else watermark
         evidence = EvidenceJson(inputs.cited)
+        at_text, known_at_text = format_timestamp(at), format_timestamp(known_at)
         return [
             answer_json(q, decide_eligibility(inputs.facts[q.subject_id], q.conversation_id, at, self.timeline),
-                        at, known_at, seen, evidence)
+                        at_text, known_at_text, seen, evidence)
             for q in questions
         ]
 

@@ -127,10 +127,16 @@ FULL JOIN subject_fold_state s ON s.subject_id = l.subject_id
 WHERE l.max_seq IS DISTINCT FROM s.folded_seq
 ORDER BY 1 LIMIT $1;
 
--- name: subjects_between
--- The subjects with entries in (a partition's last watermark, its new one]: what a tick promises is folded.
-SELECT subject_id, max(seq) AS last_seq FROM ledger
-WHERE seq > $1 AND seq <= $2 AND subject_id IS NOT NULL GROUP BY subject_id;
+-- name: subjects_behind
+-- The subjects with entries in ($1, $2] folded less far than their last one there: what ticks promise but is not
+-- folded yet (normally none, since the announced entries are folded first). first_seq: their first entry past
+-- what is folded, to tell whether a partition's own tick covers it.
+SELECT l.subject_id, max(l.seq) AS last_seq,
+       min(l.seq) FILTER (WHERE l.seq > coalesce(f.folded_seq, 0)) AS first_seq
+FROM ledger l LEFT JOIN subject_fold_state f ON f.subject_id = l.subject_id
+WHERE l.seq > $1 AND l.seq <= $2 AND l.subject_id IS NOT NULL
+GROUP BY l.subject_id, f.folded_seq
+HAVING max(l.seq) > coalesce(f.folded_seq, 0);
 
 -- name: progress_of
 SELECT partition, watermark_seq FROM processor_progress WHERE app_id = $1 AND partition = ANY($2::integer[]);
