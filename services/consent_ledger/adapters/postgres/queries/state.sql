@@ -128,15 +128,14 @@ WHERE l.max_seq IS DISTINCT FROM s.folded_seq
 ORDER BY 1 LIMIT $1;
 
 -- name: subjects_behind
--- The subjects with entries in ($1, $2] folded less far than their last one there: what ticks promise but is not
--- folded yet (normally none, since the announced entries are folded first). first_seq: their first entry past
--- what is folded, to tell whether a partition's own tick covers it.
-SELECT l.subject_id, max(l.seq) AS last_seq,
-       min(l.seq) FILTER (WHERE l.seq > coalesce(f.folded_seq, 0)) AS first_seq
-FROM ledger l LEFT JOIN subject_fold_state f ON f.subject_id = l.subject_id
-WHERE l.seq > $1 AND l.seq <= $2 AND l.subject_id IS NOT NULL
-GROUP BY l.subject_id, f.folded_seq
-HAVING max(l.seq) > coalesce(f.folded_seq, 0);
+-- The subjects with entries in ($1, $2] (a partition's last watermark, its tick) folded less far than their last one
+-- there: what the tick promises but is not folded yet (normally none, since the announced entries are folded first).
+-- The fold state is probed per subject (a correlated subquery), never joined: a generic plan of a join may hash the
+-- whole table at every batch.
+SELECT r.subject_id, r.last_seq
+FROM (SELECT subject_id, max(seq) AS last_seq FROM ledger
+      WHERE seq > $1 AND seq <= $2 AND subject_id IS NOT NULL GROUP BY subject_id) r
+WHERE r.last_seq > coalesce((SELECT f.folded_seq FROM subject_fold_state f WHERE f.subject_id = r.subject_id), 0);
 
 -- name: progress_of
 SELECT partition, watermark_seq FROM processor_progress WHERE app_id = $1 AND partition = ANY($2::integer[]);
