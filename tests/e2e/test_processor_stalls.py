@@ -138,7 +138,7 @@ async def test_worker_frozen_past_the_session_timeout_is_replaced_and_its_return
         fate = f"exited with code {first.returncode}; a replacement folded the tail"
         # A restart back-off, as an orchestrator's. (Replacements never assigned here were not caused by the member
         # that died without leaving, which the broker evicts, but by worker 2 leaving as group leader during the
-        # rebalance worker 1's rejoin had started: see apps/processor_service.py.)
+        # rebalance worker 1's rejoin had started: see adapters/kafka/group_leave.py.)
         await asyncio.sleep(SESSION_TIMEOUT)
         workers.start()
         await waited(lambda: folded_to(ledger, events + 1), "the replacement to fold")

@@ -392,9 +392,9 @@ async def _append_history(live: Settings, target: int, *, subjects: int) -> int:
 
 
 async def _steady_rate(
-    live: Settings, progress: Callable[[asyncpg.Connection], Awaitable[int]], target: int, what: str
+    live: Settings, progress: Callable[[asyncpg.Connection], Awaitable[int]], target: int, unit: str
 ) -> dict[str, Any]:
-    """Units per second of `progress` once it has started moving (the start-up before it is reported apart)."""
+    """`unit`s per second of `progress` once it has started moving (the start-up before it is reported apart)."""
     connection = await connect(live.database_url or "")
     try:
         started = time.perf_counter()
@@ -407,13 +407,13 @@ async def _steady_rate(
             if done >= target:
                 break
             if now - started > 3600:
-                raise RuntimeError(f"timed out waiting for the {what}")
+                raise RuntimeError(f"timed out waiting for {target:,} {unit}")
             await asyncio.sleep(0.1)
     finally:
         await connection.close()
     assert first is not None
-    return {"steady_per_s": round((target - first[1]) / max(now - first[0], 1e-9)),
-            "startup_s": round(first[0] - started, 1), "with_startup_per_s": round(target / (now - started))}
+    return {f"steady_{unit}_per_s": round((target - first[1]) / max(now - first[0], 1e-9)),
+            "startup_s": round(first[0] - started, 1), f"with_startup_{unit}_per_s": round(target / (now - started))}
 
 
 async def _ingest_rate(live: Settings, sent: int) -> dict[str, Any]:
@@ -425,9 +425,7 @@ async def _ingest_rate(live: Settings, sent: int) -> dict[str, Any]:
             "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets WHERE group_id = $1", live.writer_group_id
         ))
 
-    rate = await _steady_rate(live, consumed, sent, "ingest")
-    return {"steady_events_per_s": rate["steady_per_s"], "startup_s": rate["startup_s"],
-            "with_startup_events_per_s": rate["with_startup_per_s"]}
+    return await _steady_rate(live, consumed, sent, "events")
 
 
 async def _fold_rate(live: Settings, head: int) -> dict[str, Any]:
@@ -436,9 +434,7 @@ async def _fold_rate(live: Settings, head: int) -> dict[str, Any]:
     async def folded(connection: asyncpg.Connection) -> int:
         return await folded_watermark(connection, live.processor_group_id, live.topic_partitions)
 
-    rate = await _steady_rate(live, folded, head, "fold")
-    return {"steady_entries_per_s": rate["steady_per_s"], "startup_s": rate["startup_s"],
-            "with_startup_entries_per_s": rate["with_startup_per_s"]}
+    return await _steady_rate(live, folded, head, "entries")
 
 
 async def _end_to_end(live: Settings, *, rate: int, seconds: int) -> dict[str, Any]:

@@ -283,8 +283,8 @@ def build_app(settings: Settings) -> faust.App:
             log.error("stood still %.0f s, past the %.0f s session timeout; stopping to be restarted",
                       stalled, settings.processor_session_timeout_seconds)
             stopping.append(now)
-            # Stop as on SIGTERM, leaving the group unless it is rebalancing (see processor_service); exit anyway
-            # if that hangs.
+            # Stop as on SIGTERM, leaving the group unless it is rebalancing (adapters/kafka/group_leave.py); exit
+            # anyway if that hangs.
             asyncio.get_running_loop().call_later(CRASH_EXIT_SECONDS, os._exit, 1)
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,6 +35,8 @@ KIND_OF_EVENT: dict[str, ConversationKind] = {
     EventType.SAFETY_FLAGGED: ConversationKind.FLAGGED,
     EventType.SAFETY_CLEARED: ConversationKind.CLEARED,
 }
+SPEC_ORDER = operator.attrgetter("occurred_at", "seq")
+"""The SPEC's order `(occurred_at, seq)`, of entries and of the conversation facts they become."""
 CONVERSATION_EVENT_TYPES = frozenset(KIND_OF_EVENT)
 """The event types that become conversation facts and change no interval."""
 ACTIVITY_KINDS = frozenset({ConversationKind.STARTED, ConversationKind.RESUMED})
@@ -327,10 +330,6 @@ def _conversation_facts(
     return facts
 
 
-def _in_spec_order(fact: ConversationFact) -> tuple[datetime, int]:
-    return (fact.occurred_at, fact.seq)
-
-
 def with_conversation_events(
     facts: SubjectFacts, entries: Sequence[LedgerEntry]
 ) -> tuple[SubjectFacts, list[ConversationFact]]:
@@ -343,16 +342,15 @@ def with_conversation_events(
         raise ValueError(f"the facts of {facts.subject_id!r} are not a fold: they have no intervals to read")
     if any(e.event_type not in CONVERSATION_EVENT_TYPES for e in entries):
         raise ValueError("with_conversation_events folds conversation events only")
-    ordered = sorted(entries, key=lambda e: (e.occurred_at, e.seq))
-    added = _conversation_facts(ordered, facts.consent, facts.account)
-    conversations = tuple(sorted((*facts.conversations, *added), key=_in_spec_order))
+    added = _conversation_facts(sorted(entries, key=SPEC_ORDER), facts.consent, facts.account)
+    conversations = tuple(sorted((*facts.conversations, *added), key=SPEC_ORDER))
     return SubjectFacts(facts.subject_id, facts.consent, facts.account, conversations), added
 
 
 def subject_history(subject_id: str, entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
     """The subject's entries of the ten subject event types, in SPEC order `(occurred_at, seq)`."""
     mine = (e for e in entries if e.subject_id == subject_id and e.event_type in SUBJECT_EVENT_TYPES)
-    return sorted(mine, key=lambda e: (e.occurred_at, e.seq))
+    return sorted(mine, key=SPEC_ORDER)
 
 
 def fold_subject(subject_id: str, entries: Iterable[LedgerEntry], timeline: PolicyTimeline) -> SubjectFacts:

@@ -120,7 +120,12 @@ def _canonical(seq: int, recorded_at_text: str, content: EntryContent) -> bytes:
 
 def chain_hash(previous_hash: bytes, seq: int, recorded_at: datetime, content: EntryContent) -> bytes:
     """`entry_hash = SHA-256(previous entry_hash || canonical bytes of the entry)`."""
-    return hashlib.sha256(previous_hash + canonical_bytes(seq, recorded_at, content)).digest()
+    return _link(previous_hash, seq, format_timestamp(recorded_at), content)
+
+
+def _link(previous_hash: bytes, seq: int, recorded_at_text: str, content: EntryContent) -> bytes:
+    # chain_hash with recorded_at already formatted: callers chaining one transaction's entries format it once.
+    return hashlib.sha256(previous_hash + _canonical(seq, recorded_at_text, content)).digest()
 
 
 def append_entries(
@@ -131,7 +136,7 @@ def append_entries(
     entries: list[LedgerEntry] = []
     for offset, content in enumerate(contents, start=1):
         seq = previous_seq + offset
-        previous_hash = hashlib.sha256(previous_hash + _canonical(seq, recorded_at_text, content)).digest()
+        previous_hash = _link(previous_hash, seq, recorded_at_text, content)
         entries.append(LedgerEntry(seq, recorded_at, content, previous_hash))
     return entries
 
@@ -165,8 +170,7 @@ class ChainVerifier:
                 return self.first_break
             if entry.recorded_at != self._recorded_at:
                 self._recorded_at, self._recorded_at_text = entry.recorded_at, format_timestamp(entry.recorded_at)
-            canonical = _canonical(entry.seq, self._recorded_at_text, entry.content)
-            expected = hashlib.sha256(self.previous_hash + canonical).digest()
+            expected = _link(self.previous_hash, entry.seq, self._recorded_at_text, entry.content)
             detail = ""
             if entry.seq != self.previous_seq + 1:
                 detail = f"gap: seq {entry.seq} follows seq {self.previous_seq}"

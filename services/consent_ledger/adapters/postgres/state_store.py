@@ -51,6 +51,11 @@ class WritePlan:
     """Per subject, the transaction time of the last entry folded before this batch, if known: only a row
     starting exactly then can continue a row closed by an earlier batch (see _reopen)."""
 
+    def may_continue(self, subject_id: str, recorded_at: datetime) -> bool:
+        """Whether a row of the subject known from or to `recorded_at` may belong to an earlier batch of the same
+        ledger transaction: only if that batch folded up to exactly then (unknown: assume it may)."""
+        return self.folded_at is None or self.folded_at.get(subject_id) == recorded_at
+
 
 def plan_writes(changes: Iterable[FactChange], folded_at: Mapping[str, datetime] | None = None) -> WritePlan:
     """Collapse a batch of changes, in order, into one UPDATE and one INSERT per table.
@@ -90,23 +95,17 @@ async def write_plan(connection: asyncpg.Connection, plan: WritePlan) -> int:
             list(subjects), list(hashes), list(known_to),
         )
         touched += int(status.split()[-1])
-        # A fact opened and closed at one transaction time was never visible: no row at all. Only a transaction
-        # split over two batches can do that to a row of an earlier batch (it was opened at the time the earlier
-        # batch folded last), so only those subjects' rows are looked at, when the plan knows that time.
-        folded_at = plan.folded_at
-        split = sorted({s for s, _, t in closes if folded_at is None or folded_at.get(s) == t})
+        # A fact opened and closed at one transaction time was never visible: no row at all. Only a row of an
+        # earlier batch of a split transaction can be one, so only those subjects' rows are looked at.
+        split = sorted({s for s, _, t in closes if plan.may_continue(s, t)})
         if split:
             await connection.execute(
                 f"DELETE FROM {TABLE_OF[cls]} WHERE subject_id = ANY($1::text[]) AND known_to = known_from", split
             )
     for cls, rows in plan.inserts.items():
-        if plan.folded_at is None:
-            rows = await _reopen(connection, cls, rows)
-        else:
-            folded_at = plan.folded_at
-            continuing = [r for r in rows if folded_at.get(r[0]) == r[-2]]
-            if continuing:
-                rows = [r for r in rows if folded_at.get(r[0]) != r[-2]] + await _reopen(connection, cls, continuing)
+        continuing = [r for r in rows if plan.may_continue(r[0], r[-2])]
+        if continuing:
+            rows = [r for r in rows if not plan.may_continue(r[0], r[-2])] + await _reopen(connection, cls, continuing)
         columns = ("subject_id", "fact_hash", *COLUMNS_OF[cls], "known_from", "known_to")
         await connection.copy_records_to_table(TABLE_OF[cls], columns=columns, records=rows)
         touched += len(rows)
