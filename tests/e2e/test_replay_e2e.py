@@ -77,6 +77,18 @@ async def test_tampering_is_named_and_fails_the_replay(system: Any, admin_db: as
     assert report["state"]["tables"]["conversation_facts"]["missing_from_live"] == 1
     assert report["state"]["tables"]["consent_intervals"]["extra_in_live"] == 0
 
+    # A derived row twice (under another fact_hash, which the comparison does not read): counted once extra.
+    await admin_db.execute(
+        "INSERT INTO account_intervals SELECT subject_id, '\\x00'::bytea, valid_from, valid_to, registered, "
+        "account_type, deleted, registered_seq, type_seq, deleted_seq, known_from, known_to "
+        "FROM account_intervals WHERE subject_id = 'bob' ORDER BY known_from LIMIT 1"
+    )
+    code, report, _ = replay(system, tmp_path)
+    accounts = report["state"]["tables"]["account_intervals"]
+    assert (code, accounts["extra_in_live"], accounts["missing_from_live"]) == (1, 1, 0)
+    assert accounts["examples_extra"][0]["subject_id"] == "bob"
+    await admin_db.execute("DELETE FROM account_intervals WHERE fact_hash = '\\x00'::bytea")
+
     # The current-state table altered: bob's account shown as deleted.
     await admin_db.execute(
         "UPDATE subject_current_state SET state = jsonb_set(state, '{deleted}', 'true') WHERE subject_id = 'bob'"

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from consent_ledger.adapters.kafka.ledger_feed import Announcement, announcement_messages, tick_message
 from consent_ledger.adapters.policy_files import load_timeline
@@ -119,3 +120,35 @@ async def test_entries_lost_by_the_feed_are_folded_from_the_ledger(
     finally:
         await folder.stop()
     assert await rows(service_db, "lossy") == replayed(lossy), [e.seq for e in delivered]
+
+
+def ticks_recorded(checked_by: str) -> float:
+    return REGISTRY.get_sample_value("consent_ledger_ticks_recorded_total", {"checked_by": checked_by}) or 0.0
+
+
+async def test_a_tick_skips_the_ledger_scan_only_after_an_unbroken_run_of_offsets_from_one_that_held(
+    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection
+) -> None:
+    """The first tick a worker sees is checked; so is one after a gap (lost messages), and the loss is folded."""
+    entries = await ledger(ledger_db, "runs")
+    first, second, lost = entries[:2], entries[2:4], entries[4:]
+
+    def announced(part: list[LedgerEntry]) -> list[bytes]:
+        return [m for e in part for m in announcement_messages([Announcement(e.subject_id, e.seq)])]
+
+    folder = SubjectFolder(settings, load_timeline(None))
+    await folder.start()
+    checked, trusted = ticks_recorded("ledger"), ticks_recorded("feed")
+    try:
+        one = [*announced(first), tick_message(first[-1].seq, 1)]
+        await folder.fold_batch([(0, m) for m in one], list(range(len(one))))
+        two = [*announced(second), tick_message(second[-1].seq, 1)]
+        await folder.fold_batch([(0, m) for m in two], list(range(len(one), len(one) + len(two))))
+        # The announcements of `lost` were at the next offsets and never arrived: only the tick after them did.
+        await folder.fold_batch([(0, tick_message(lost[-1].seq, 1))], [len(one) + len(two) + len(lost)])
+    finally:
+        await folder.stop()
+    assert (ticks_recorded("ledger") - checked, ticks_recorded("feed") - trusted) == (2, 1)
+    assert await rows(service_db, "runs") == replayed(entries)
+    progress = await service_db.fetchval("SELECT watermark_seq FROM processor_progress WHERE partition = 0")
+    assert progress == entries[-1].seq

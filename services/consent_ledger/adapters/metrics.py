@@ -29,6 +29,11 @@ FOLD_BATCH_SIZE = Histogram(
     "consent_ledger_fold_batch_messages", "Feed messages per folding transaction",
     buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000),
 )
+TICKS_RECORDED = Counter(
+    "consent_ledger_ticks_recorded_total",
+    "Watermark ticks recorded, by what showed their promise held: the ledger scanned, or the feed's offsets unbroken",
+    ["checked_by"],
+)
 FOLD_LATENCY = Histogram("consent_ledger_fold_batch_seconds", "Time to fold one batch and commit it")
 STATE_LAG = Gauge("consent_ledger_state_lag", "Ledger head seq minus the seq folded into state tables")
 API_LATENCY = Histogram(

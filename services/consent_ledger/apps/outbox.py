@@ -73,16 +73,18 @@ class OutboxPublisher:
             if row["subject_id"] is not None:  # receipts and policy entries have no subject to fold
                 subject_id = row["subject_id"]
                 by_partition[partition_of(subject_id, len(partitions))].append(Announcement(subject_id, row["seq"]))
-        sends = [
+        await asyncio.gather(*[
             await producer.send(self.topic, value=message, partition=partition)
             for partition, mine in sorted(by_partition.items())
             for message in announcement_messages(mine)
-        ]
-        sends += [
+        ])
+        # Ticks only once every announcement they promise is on the log: a processor trusts a tick that ends an
+        # unbroken run of offsets (ledger_feed.unbroken_runs), and a send that failed after later ones were
+        # queued would leave a hole no offset shows.
+        await asyncio.gather(*[
             await producer.send(self.topic, value=tick_message(last, len(partitions)), partition=p)
             for p in partitions
-        ]
-        await asyncio.gather(*sends)
+        ])
         await connection.execute(query("ledger", "save_outbox_cursor"), CURSOR_NAME, last)
         metrics.OUTBOX_PUBLISHED.inc(len(rows))
         return True

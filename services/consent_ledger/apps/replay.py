@@ -37,6 +37,8 @@ FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 CURRENT_STATE_TABLE = "subject_current_state"
 EXAMPLES = 20
 COPY_BATCH = 20_000
+SHARDS = 2
+"""Processes rebuilding and comparing a range of subjects each, beside the one verifying the chain."""
 
 
 @dataclass
@@ -70,29 +72,52 @@ async def run_replay(
     timeline = load_timeline(settings.policy_file)
     alternative = load_timeline(policy_file) if policy_file else None
     report = ReplayReport(until=format_timestamp(until) if until else None)
+    at = until or datetime.now(UTC)  # one instant for every shard's what-if answers
     connection = await connect(settings.database_url)
     try:
         total = await connection.fetchval(
             "SELECT count(*) FROM ledger WHERE recorded_at <= $1", until or FAR_FUTURE
         )
         report.entries = total
-        # The chain is verified in a second process while this one rebuilds the state: the two share nothing
-        # and each is CPU-bound in Python, so on two cores the replay takes about as long as the longer one.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as verifier:
-            verifying = asyncio.get_running_loop().run_in_executor(
-                verifier, _verify_chain_in_process, settings.database_url, until, total
+        shards = await _shards(connection, until, SHARDS)
+        # The chain is verified in one process while others each rebuild and compare a range of subjects: they share
+        # nothing and each is CPU-bound in Python (or waits on PostgreSQL), so together they keep both cores busy.
+        context = multiprocessing.get_context("spawn")
+        rebuilt = context.Value("q", 0)
+        with ProcessPoolExecutor(1 + len(shards), mp_context=context, initializer=_share_progress,
+                                 initargs=(rebuilt,)) as pool:
+            loop = asyncio.get_running_loop()
+            verifying = loop.run_in_executor(pool, _verify_chain_in_process, settings.database_url, until, total)
+            rebuilding = [
+                loop.run_in_executor(pool, _rebuild_shard_in_process, settings.database_url, until, timeline,
+                                     alternative, at, shard)
+                for shard in shards
+            ]
+            # Every subject must fall in exactly one shard: counted here while the shards run, checked after.
+            in_ledger = await connection.fetchval(
+                "SELECT count(DISTINCT subject_id) FROM ledger WHERE recorded_at <= $1", until or FAR_FUTURE
             )
-            report.state, what_if = await _rebuild_and_compare(
-                connection, settings.database_url, until, timeline, alternative, total, progress, report
-            )
+            with progress_bar("rebuilding state", total, enabled=progress) as advance:
+                shown = 0
+                while not all(task.done() for task in rebuilding):
+                    await asyncio.wait(rebuilding, timeout=0.25)
+                    advance(rebuilt.value - shown)
+                    shown = rebuilt.value
+            parts = [await task for task in rebuilding]
             report.chain, verifier_rss_mb = await verifying
+        report.state = _merged_states([part.state for part in parts])
+        what_if = _merged_what_ifs(alternative, at, [part.what_if for part in parts])
+        report.subjects = sum(part.subjects for part in parts)
+        if report.subjects != in_ledger:
+            report.state["differences"] += abs(in_ledger - report.subjects)
+            report.state["subjects_in_ledger"] = in_ledger
         report.receipts = await _reaudit_receipts(connection, until, timeline, alternative, what_if)
         report.what_if = what_if
     finally:
         await connection.close()
     report.seconds = round(time.perf_counter() - started, 3)
-    # Both processes at their peaks at once: an upper bound on what the replay needs.
-    report.peak_rss_mb = round(_peak_rss_mb() + verifier_rss_mb, 1)
+    # Every process at its peak at once: an upper bound on what the replay needs.
+    report.peak_rss_mb = round(_peak_rss_mb() + verifier_rss_mb + sum(part.peak_rss_mb for part in parts), 1)
     await asyncio.to_thread(_write_report, report, report_path)
     print(summary(report, report_path))
     return 0 if report.ok else 1
@@ -151,11 +176,69 @@ async def _verify_chain(
     }
 
 
-async def _subjects(connection: asyncpg.Connection, until: datetime | None) -> AsyncIterator[list[LedgerEntry]]:
+Shard = tuple[str | None, str | None]
+"""Subjects from the first (inclusive) to the second (exclusive); None: unbounded on that side."""
+
+_rebuilt_entries: Any = None  # in a shard process: the parent's shared count of entries rebuilt, for its progress bar
+
+
+def _share_progress(counter: Any) -> None:
+    global _rebuilt_entries
+    _rebuilt_entries = counter
+
+
+async def _shards(connection: asyncpg.Connection, until: datetime | None, count: int) -> list[Shard]:
+    """`count` ranges of subject ids holding about as many entries each (any boundaries give the same replay)."""
+    total = await connection.fetchval(
+        "SELECT count(*) FROM ledger WHERE subject_id IS NOT NULL AND recorded_at <= $1", until or FAR_FUTURE
+    )
+    bounds: set[str] = set()
+    for k in range(1, count):
+        bound = await connection.fetchval(
+            "SELECT subject_id FROM ledger WHERE subject_id IS NOT NULL AND recorded_at <= $1 "
+            "ORDER BY subject_id OFFSET $2 LIMIT 1", until or FAR_FUTURE, total * k // count,
+        )
+        if bound is not None:
+            bounds.add(bound)
+    ordered = sorted(bounds)
+    return list(zip([None, *ordered], [*ordered, None], strict=True))
+
+
+def _in_shard(first_param: int) -> str:
+    """The SQL condition `subject_id` in the shard given as parameters $first_param and the next."""
+    low, high = f"${first_param}::text", f"${first_param + 1}::text"
+    return f"({low} IS NULL OR subject_id >= {low}) AND ({high} IS NULL OR subject_id < {high})"
+
+
+@dataclass
+class ShardResult:
+    """What one shard's process found: its part of the state comparison and of the what-if."""
+
+    state: dict[str, Any]
+    what_if: tuple[int, Counter[str], list[dict[str, Any]]] | None
+    subjects: int
+    peak_rss_mb: float
+
+
+def _rebuild_shard_in_process(
+    database_url: str, until: datetime | None, timeline: PolicyTimeline, alternative: PolicyTimeline | None,
+    at: datetime, shard: Shard,
+) -> ShardResult:
+    """A rebuilding process: its own event loop and connections; rebuilds and compares one shard of subjects."""
+    tune_gc()
+    result = asyncio.run(_rebuild_and_compare(database_url, until, timeline, alternative, at, shard))
+    result.peak_rss_mb = _peak_rss_mb()
+    return result
+
+
+async def _subjects(
+    connection: asyncpg.Connection, until: datetime | None, shard: Shard
+) -> AsyncIterator[list[LedgerEntry]]:
     """Each subject's entries in seq order, one subject at a time: memory bounded by the largest subject."""
     current: list[LedgerEntry] = []
     async with connection.transaction():
-        cursor = connection.cursor(query("state", "replay_subject_entries"), until or FAR_FUTURE, prefetch=10_000)
+        cursor = connection.cursor(query("state", "replay_subject_entries"), until or FAR_FUTURE, *shard,
+                                   prefetch=10_000)
         async for row in cursor:
             entry = entry_from_row(row)
             if current and current[0].subject_id != entry.subject_id:
@@ -167,58 +250,102 @@ async def _subjects(connection: asyncpg.Connection, until: datetime | None) -> A
 
 
 async def _rebuild_and_compare(
-    reader: asyncpg.Connection, database_url: str, until: datetime | None, timeline: PolicyTimeline,
-    alternative: PolicyTimeline | None, total: int, progress: bool, report: ReplayReport,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Fold every subject with the processors' code into temporary tables, then diff them with the live ones."""
+    database_url: str, until: datetime | None, timeline: PolicyTimeline, alternative: PolicyTimeline | None,
+    at: datetime, shard: Shard,
+) -> ShardResult:
+    """Fold the shard's subjects with the processors' code into temporary tables, then diff them with the live ones."""
+    reader = await connect(database_url)
     writer = await connect(database_url)  # a second session: the reader's is busy with its cursor
     what_if_changes: Counter[str] = Counter()
     what_if_examples: list[dict[str, Any]] = []
     conversations_checked = 0
-    at = until or datetime.now(UTC)
+    subjects = 0
     try:
         for table in (*TABLE_OF.values(), CURRENT_STATE_TABLE):
             await writer.execute(f"CREATE TEMP TABLE replay_{table} (LIKE {table}) ON COMMIT PRESERVE ROWS")
         pending: dict[type[Any], list[tuple[Any, ...]]] = {cls: [] for cls in TABLE_OF}
         current: list[tuple[str, int, dict[str, Any]]] = []
-        with progress_bar("rebuilding state", total, enabled=progress) as advance:
-            async for entries in _subjects(reader, until):
-                report.subjects += 1
-                subject_id = entries[0].subject_id
-                assert subject_id is not None
-                changes, facts = fold_increments(subject_id, [], entries, timeline)
-                for cls, rows in plan_writes(changes).inserts.items():
-                    pending[cls].extend(rows)
-                current.append((subject_id, entries[-1].seq, current_state(facts)))
-                if alternative is not None:
-                    alt_facts = fold_subject(subject_id, entries, alternative)
-                    for conversation_id in sorted({f.conversation_id for f in facts.conversations}):
-                        conversations_checked += 1
-                        before = decide_eligibility(facts, conversation_id, at, timeline)
-                        after = decide_eligibility(alt_facts, conversation_id, at, alternative)
-                        if _verdict(before) != _verdict(after):
-                            what_if_changes[f"{_verdict(before)} -> {_verdict(after)}"] += 1
-                            if len(what_if_examples) < EXAMPLES:
-                                what_if_examples.append({"subject_id": subject_id, "conversation_id": conversation_id,
-                                                         "before": _verdict(before), "after": _verdict(after)})
-                advance(len(entries))
-                if sum(len(rows) for rows in pending.values()) >= COPY_BATCH:
-                    await _flush(writer, pending, current)
+        unreported = 0
+        async for entries in _subjects(reader, until, shard):
+            subjects += 1
+            subject_id = entries[0].subject_id
+            assert subject_id is not None
+            changes, facts = fold_increments(subject_id, [], entries, timeline)
+            for cls, rows in plan_writes(changes).inserts.items():
+                pending[cls].extend(rows)
+            current.append((subject_id, entries[-1].seq, current_state(facts)))
+            if alternative is not None:
+                alt_facts = fold_subject(subject_id, entries, alternative)
+                for conversation_id in sorted({f.conversation_id for f in facts.conversations}):
+                    conversations_checked += 1
+                    before = decide_eligibility(facts, conversation_id, at, timeline)
+                    after = decide_eligibility(alt_facts, conversation_id, at, alternative)
+                    if _verdict(before) != _verdict(after):
+                        what_if_changes[f"{_verdict(before)} -> {_verdict(after)}"] += 1
+                        if len(what_if_examples) < EXAMPLES:
+                            what_if_examples.append({"subject_id": subject_id, "conversation_id": conversation_id,
+                                                     "before": _verdict(before), "after": _verdict(after)})
+            unreported += len(entries)
+            if sum(len(rows) for rows in pending.values()) >= COPY_BATCH:
+                await _flush(writer, pending, current)
+                unreported = _report_progress(unreported)
         await _flush(writer, pending, current)
-        state = await _compare(writer, until)
+        _report_progress(unreported)
+        state = await _compare(writer, until, shard)
     finally:
         await writer.close()
-    what_if = None
-    if alternative is not None:
-        what_if = {
-            "timeline_id": alternative.timeline_id,
-            "at": format_timestamp(at),
-            "conversations_checked": conversations_checked,
-            "conversations_changed": sum(what_if_changes.values()),
-            "changes_by_answer": dict(what_if_changes),
-            "examples": what_if_examples,
-        }
-    return state, what_if
+        await reader.close()
+    what_if = (conversations_checked, what_if_changes, what_if_examples) if alternative is not None else None
+    return ShardResult(state, what_if, subjects, 0.0)
+
+
+def _report_progress(entries: int) -> int:
+    if _rebuilt_entries is not None:
+        with _rebuilt_entries.get_lock():
+            _rebuilt_entries.value += entries
+    return 0
+
+
+def _merged_states(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One state comparison from the shards': counts added up, the first examples kept."""
+    tables: dict[str, Any] = {}
+    for part in parts:
+        for name, found in part["tables"].items():
+            merged = tables.setdefault(name, {"rebuilt_rows": 0, "extra_in_live": 0, "missing_from_live": 0,
+                                              "examples_extra": [], "examples_missing": []})
+            for key in ("rebuilt_rows", "extra_in_live", "missing_from_live"):
+                merged[key] += found[key]
+            for key in ("examples_extra", "examples_missing"):
+                merged[key] = (merged[key] + found[key])[:EXAMPLES]
+    return {
+        "differences": sum(part["differences"] for part in parts),
+        "tables": tables,
+        "fold_state_differences": [d for part in parts for d in part["fold_state_differences"]][:EXAMPLES],
+    }
+
+
+def _merged_what_ifs(
+    alternative: PolicyTimeline | None, at: datetime,
+    parts: list[tuple[int, Counter[str], list[dict[str, Any]]] | None],
+) -> dict[str, Any] | None:
+    if alternative is None:
+        return None
+    changes: Counter[str] = Counter()
+    examples: list[dict[str, Any]] = []
+    checked = 0
+    for part in parts:
+        assert part is not None
+        checked += part[0]
+        changes.update(part[1])
+        examples.extend(part[2])
+    return {
+        "timeline_id": alternative.timeline_id,
+        "at": format_timestamp(at),
+        "conversations_checked": checked,
+        "conversations_changed": sum(changes.values()),
+        "changes_by_answer": dict(changes),
+        "examples": examples[:EXAMPLES],
+    }
 
 
 async def _flush(
@@ -237,19 +364,19 @@ async def _flush(
         current.clear()
 
 
-async def _compare(writer: asyncpg.Connection, until: datetime | None) -> dict[str, Any]:
-    """Rows only in the live tables (`extra`) and only in the rebuild (`missing`), per table."""
+async def _compare(writer: asyncpg.Connection, until: datetime | None, shard: Shard) -> dict[str, Any]:
+    """Rows only in the live tables (`extra`) and only in the rebuild (`missing`), per table, in the shard."""
     cut = until or FAR_FUTURE
     tables: dict[str, Any] = {}
     differences = 0
     for cls, table in TABLE_OF.items():
-        columns = ", ".join(("subject_id", *COLUMNS_OF[cls], "known_from"))
+        names = ("subject_id", *COLUMNS_OF[cls], "known_from", "known_to")
+        columns = ", ".join(names[:-1])
         # Knowledge after the cut is not part of this replay: a row closed later was still open then.
         live = (f"SELECT {columns}, CASE WHEN known_to > $1 THEN NULL ELSE known_to END AS known_to "
-                f"FROM {table} WHERE known_from <= $1")
+                f"FROM {table} WHERE known_from <= $1 AND {_in_shard(2)}")
         rebuilt = f"SELECT {columns}, known_to FROM replay_{table}"
-        n_extra, extra = await _difference(writer, f"{live} EXCEPT ALL {rebuilt}", cut)
-        n_missing, missing = await _difference(writer, f"{rebuilt} EXCEPT ALL {live}", cut)
+        (n_extra, extra), (n_missing, missing) = await _differences(writer, names, live, rebuilt, cut, *shard)
         rows = await writer.fetchval(f"SELECT count(*) FROM replay_{table}")
         differences += n_extra + n_missing
         tables[table] = {
@@ -261,19 +388,20 @@ async def _compare(writer: asyncpg.Connection, until: datetime | None) -> dict[s
         }
     fold_state = []
     if until is None:
-        fold_state = [dict(r) for r in await writer.fetch(query("state", "fold_state_differences"), EXAMPLES)]
+        fold_state = [dict(r) for r in await writer.fetch(query("state", "fold_state_differences"), EXAMPLES,
+                                                          *shard)]
         differences += len(fold_state)
         # The current state is "now": only a replay of everything can compare it.
-        tables[CURRENT_STATE_TABLE] = await _compare_current_state(writer)
+        tables[CURRENT_STATE_TABLE] = await _compare_current_state(writer, shard)
         differences += tables[CURRENT_STATE_TABLE]["extra_in_live"] + tables[CURRENT_STATE_TABLE]["missing_from_live"]
     return {"differences": differences, "tables": tables, "fold_state_differences": fold_state}
 
 
-async def _compare_current_state(writer: asyncpg.Connection) -> dict[str, Any]:
-    live = f"SELECT subject_id, folded_seq, state FROM {CURRENT_STATE_TABLE}"
-    rebuilt = f"SELECT subject_id, folded_seq, state FROM replay_{CURRENT_STATE_TABLE}"
-    n_extra, extra = await _difference(writer, f"{live} EXCEPT ALL {rebuilt}")
-    n_missing, missing = await _difference(writer, f"{rebuilt} EXCEPT ALL {live}")
+async def _compare_current_state(writer: asyncpg.Connection, shard: Shard) -> dict[str, Any]:
+    names = ("subject_id", "folded_seq", "state")
+    live = f"SELECT {', '.join(names)} FROM {CURRENT_STATE_TABLE} WHERE {_in_shard(1)}"
+    rebuilt = f"SELECT {', '.join(names)} FROM replay_{CURRENT_STATE_TABLE}"
+    (n_extra, extra), (n_missing, missing) = await _differences(writer, names, live, rebuilt, *shard)
     return {
         "rebuilt_rows": await writer.fetchval(f"SELECT count(*) FROM replay_{CURRENT_STATE_TABLE}"),
         "extra_in_live": n_extra,
@@ -283,13 +411,35 @@ async def _compare_current_state(writer: asyncpg.Connection) -> dict[str, Any]:
     }
 
 
-async def _difference(writer: asyncpg.Connection, rows_sql: str, *args: Any) -> tuple[int, list[dict[str, Any]]]:
-    """How many rows a set difference has, and the first few, in one pass (it sorts or hashes whole tables)."""
+Difference = tuple[int, list[dict[str, Any]]]
+"""How many rows, and the first few."""
+
+
+async def _differences(
+    writer: asyncpg.Connection, names: Sequence[str], live: str, rebuilt: str, *args: Any
+) -> tuple[Difference, Difference]:
+    """Rows only in `live` and rows only in `rebuilt` (counted as `EXCEPT ALL` each way would), with examples.
+
+    One aggregate over both sides, where each row counts +1 live and -1 rebuilt: half the work of the two
+    `EXCEPT ALL`, each of which hashes or sorts both tables.
+    """
+    columns = ", ".join(names)
     rows = await writer.fetch(
-        f"SELECT d.*, count(*) OVER () AS difference_total FROM ({rows_sql}) d LIMIT {EXAMPLES}", *args
+        f"""SELECT * FROM (
+              SELECT g.*, row_number() OVER (PARTITION BY g.surplus > 0 ORDER BY {columns}) AS nth,
+                     sum(greatest(g.surplus, 0)) OVER () AS extra_total,
+                     sum(greatest(-g.surplus, 0)) OVER () AS missing_total
+              FROM (SELECT {columns}, sum(side) AS surplus
+                    FROM (SELECT *, 1 AS side FROM ({live}) l UNION ALL SELECT *, -1 FROM ({rebuilt}) r) u
+                    GROUP BY {columns} HAVING sum(side) <> 0) g
+            ) x WHERE nth <= {EXAMPLES}""",
+        *args,
     )
-    examples = [{k: v for k, v in row.items() if k != "difference_total"} for row in rows]
-    return (rows[0]["difference_total"] if rows else 0), examples
+    if not rows:
+        return (0, []), (0, [])
+    extra = [{name: row[name] for name in names} for row in rows if row["surplus"] > 0]
+    missing = [{name: row[name] for name in names} for row in rows if row["surplus"] < 0]
+    return (int(rows[0]["extra_total"]), extra), (int(rows[0]["missing_total"]), missing)
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
@@ -410,6 +560,8 @@ def summary(report: ReplayReport, report_path: Path) -> str:
             lines.append(f"    extra:   {example}")
         for example in result["examples_missing"][:3]:
             lines.append(f"    missing: {example}")
+    if "subjects_in_ledger" in report.state:
+        lines.append(f"  subjects: {report.subjects} rebuilt, but the ledger has {report.state['subjects_in_ledger']}")
     for difference in report.state.get("fold_state_differences", [])[:3]:
         lines.append(f"  subject_fold_state differs: {difference}")
     receipts = report.receipts

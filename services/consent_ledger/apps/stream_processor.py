@@ -16,7 +16,7 @@ import asyncpg
 import faust
 
 from consent_ledger.adapters import metrics
-from consent_ledger.adapters.kafka.ledger_feed import WatermarkTick, parse_announcements, partition_of
+from consent_ledger.adapters.kafka.ledger_feed import WatermarkTick, parse_announcements, partition_of, unbroken_runs
 from consent_ledger.adapters.policy_files import load_timeline
 from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.connection import create_pool
@@ -68,6 +68,9 @@ class SubjectFolder:
         self.timeline = timeline
         self.cache = HistoryCache()
         self.pool: asyncpg.Pool | None = None
+        self._unbroken: dict[int, int] = {}
+        """Per feed partition, the offset of the last message folded here when every message of the partition
+        since a tick whose promise held was folded here too, in offset order, in committed transactions."""
         self._starting = asyncio.Lock()
 
     async def start(self) -> asyncpg.Pool:
@@ -89,12 +92,15 @@ class SubjectFolder:
         if self.pool is not None:
             await self.pool.close()
 
-    async def fold_batch(self, messages: Sequence[tuple[int, bytes]]) -> dict[str, SubjectFacts]:
+    async def fold_batch(
+        self, messages: Sequence[tuple[int, bytes]], offsets: Sequence[int] | None = None
+    ) -> dict[str, SubjectFacts]:
         """Apply (partition, message) pairs in one transaction; returns the new facts of touched subjects.
 
         The feed says which subjects have new entries and how far; the entries themselves are read from the
         ledger, so a feed message lost in transit (faust can drop some while it recovers a partition) leaves
-        no hole. A watermark tick is checked against the ledger before it is recorded.
+        no hole. A watermark tick is checked against the ledger before it is recorded, unless the messages'
+        Kafka `offsets` show that nothing of its partition was missed since the last tick that held.
         """
         pool = self.pool or await self.start()
         started = time.perf_counter()
@@ -109,16 +115,30 @@ class SubjectFolder:
             for announcement in message:
                 subject_id = announcement.subject_id
                 announced[subject_id] = max(announced.get(subject_id, 0), announcement.seq)
+        runs = unbroken_runs([partition for partition, _ in messages], offsets)
+        # A tick ending an unbroken run from the last tick that held promises only what the run announced, and
+        # the run is folded in this batch or was in earlier ones: the ledger scan would find nothing behind.
+        trusted = {p for p, (first, _) in runs.items() if self._unbroken.get(p) == first - 1}
         touched: dict[str, SubjectFacts] = {}
         async with pool.acquire() as connection, connection.transaction():
             folded = await self._fold_subjects(connection, announced, touched)
             # What the ticks promise, once the announced entries are folded: normally nothing is left behind.
-            promised = await self._behind_ticks(connection, ticks)
+            promised = await self._behind_ticks(connection, {p: t for p, t in ticks.items() if p not in trusted})
             if promised:
                 folded += await self._fold_subjects(connection, promised, touched)
             await state_store.save_progress(
                 connection, self.settings.processor_group_id, {p: t.seq for p, t in ticks.items()}
             )
+        # Committed: each partition's run now continues from a tick that held, or is broken (or unknown) and
+        # its next tick is checked against the ledger again.
+        for partition in {p for p, _ in messages}:
+            run = runs.get(partition)
+            if run is not None and (partition in trusted or partition in ticks):
+                self._unbroken[partition] = run[1]
+            else:
+                self._unbroken.pop(partition, None)
+        for partition in ticks:
+            metrics.TICKS_RECORDED.labels("feed" if partition in trusted else "ledger").inc()
         metrics.ENTRIES_FOLDED.inc(folded)
         metrics.FOLD_BATCH_SIZE.observe(len(messages))
         metrics.FOLD_LATENCY.observe(time.perf_counter() - started)
@@ -259,7 +279,8 @@ def build_app(settings: Settings) -> faust.App:
     async def fold(stream: faust.StreamT[Any]) -> None:
         try:
             async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_SECONDS):  # type: ignore[attr-defined]
-                await folder.fold_batch([(event.message.partition, event.value) for event in events])
+                await folder.fold_batch([(event.message.partition, event.value) for event in events],
+                                        [event.message.offset for event in events])
         except Exception as error:
             # A crashed agent would leave a live worker folding nothing: stop the worker so that it restarts
             # (nothing is lost: offsets of the failed batch were not committed, and folding is idempotent).

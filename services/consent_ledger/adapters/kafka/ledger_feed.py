@@ -63,3 +63,20 @@ def parse_announcements(value: bytes | str) -> list[Announcement] | WatermarkTic
         return WatermarkTick(int(document["seq"]), int(document.get("partitions", 0)))
     items = document["entries"] if kind == "entries" else [document]
     return [Announcement(d["subject_id"], int(d["seq"])) for d in items if d.get("subject_id") is not None]
+
+
+def unbroken_runs(partitions: Sequence[int], offsets: Sequence[int] | None) -> dict[int, tuple[int, int]]:
+    """Per partition, the (first, last) offsets of its messages in the batch, when they follow one another."""
+    if offsets is None:
+        return {}
+    runs: dict[int, tuple[int, int]] = {}
+    broken: set[int] = set()
+    for partition, offset in zip(partitions, offsets, strict=True):
+        run = runs.get(partition)
+        if run is None:
+            runs[partition] = (offset, offset)
+        elif offset == run[1] + 1:
+            runs[partition] = (run[0], offset)
+        else:
+            broken.add(partition)
+    return {p: run for p, run in runs.items() if p not in broken}

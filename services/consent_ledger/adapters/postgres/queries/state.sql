@@ -116,14 +116,22 @@ WHERE subject_id = $1 AND known_from <= $2 AND (known_to IS NULL OR known_to > $
 ORDER BY valid_from NULLS FIRST;
 
 -- name: replay_subject_entries
--- Subject by subject (the ledger_subject_seq index gives this order): a subject's history at a time.
+-- Subject by subject (the ledger_subject_seq index gives this order): a subject's history at a time, for the
+-- subjects from $2 (inclusive) to $3 (exclusive), NULL meaning unbounded (a replay shard).
 SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
-FROM ledger WHERE subject_id IS NOT NULL AND recorded_at <= $1 ORDER BY subject_id, seq;
+FROM ledger WHERE subject_id IS NOT NULL AND recorded_at <= $1
+  AND ($2::text IS NULL OR subject_id >= $2) AND ($3::text IS NULL OR subject_id < $3)
+ORDER BY subject_id, seq;
 
 -- name: fold_state_differences
+-- The subjects from $2 (inclusive) to $3 (exclusive), NULL meaning unbounded, whose fold state is not their last seq.
 SELECT coalesce(l.subject_id, s.subject_id) AS subject_id, l.max_seq, s.folded_seq
-FROM (SELECT subject_id, max(seq) AS max_seq FROM ledger WHERE subject_id IS NOT NULL GROUP BY subject_id) l
-FULL JOIN subject_fold_state s ON s.subject_id = l.subject_id
+FROM (SELECT subject_id, max(seq) AS max_seq FROM ledger
+      WHERE subject_id IS NOT NULL AND ($2::text IS NULL OR subject_id >= $2) AND ($3::text IS NULL OR subject_id < $3)
+      GROUP BY subject_id) l
+FULL JOIN (SELECT * FROM subject_fold_state
+           WHERE ($2::text IS NULL OR subject_id >= $2) AND ($3::text IS NULL OR subject_id < $3)) s
+  ON s.subject_id = l.subject_id
 WHERE l.max_seq IS DISTINCT FROM s.folded_seq
 ORDER BY 1 LIMIT $1;
 
