@@ -16,7 +16,12 @@ import asyncpg
 import faust
 
 from consent_ledger.adapters import metrics
-from consent_ledger.adapters.kafka.ledger_feed import WatermarkTick, parse_announcements, partition_of, unbroken_runs
+from consent_ledger.adapters.kafka.ledger_feed import (
+    WatermarkTick,
+    merge_announcements,
+    partition_of,
+    unbroken_runs,
+)
 from consent_ledger.adapters.policy_files import load_timeline
 from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.connection import create_pool
@@ -107,14 +112,9 @@ class SubjectFolder:
         announced: dict[str, int] = {}
         ticks: dict[int, WatermarkTick] = {}
         for partition, raw in messages:
-            message = parse_announcements(raw)
-            if isinstance(message, WatermarkTick):
-                if partition not in ticks or ticks[partition].seq < message.seq:
-                    ticks[partition] = message
-                continue
-            for announcement in message:
-                subject_id = announcement.subject_id
-                announced[subject_id] = max(announced.get(subject_id, 0), announcement.seq)
+            tick = merge_announcements(raw, announced)
+            if tick is not None and (partition not in ticks or ticks[partition].seq < tick.seq):
+                ticks[partition] = tick
         runs = unbroken_runs([partition for partition, _ in messages], offsets)
         # A tick ending an unbroken run from the last tick that held promises only what the run announced, and
         # the run is folded in this batch or was in earlier ones: the ledger scan would find nothing behind.
@@ -153,8 +153,13 @@ class SubjectFolder:
         state = await state_store.lock_fold_state(connection, list(announced))
         folded = {subject_id: s.seq for subject_id, s in state.items()}
         behind = {s: upto for s, upto in announced.items() if upto > folded[s]}
-        entries = await self._entries_to_fold(connection, behind, folded)
-        histories, kept = await self._histories(connection, folded, list(entries))
+        # The folded history of a subject is committed and immutable: it is read on the pool's other connection
+        # while this transaction reads the new entries, and PostgreSQL runs both queries at once.
+        async with asyncio.TaskGroup() as reads:
+            reading_entries = reads.create_task(self._entries_to_fold(connection, behind, folded))
+            reading_histories = reads.create_task(self._histories(folded, sorted(behind)))
+        entries = reading_entries.result()
+        histories, kept = reading_histories.result()
         changes = []
         new_state: dict[str, tuple[int, datetime]] = {}
         for subject_id, fresh in entries.items():
@@ -215,9 +220,10 @@ class SubjectFolder:
         return promised
 
     async def _histories(
-        self, connection: asyncpg.Connection, folded: dict[str, int], subjects: list[str]
+        self, folded: dict[str, int], subjects: list[str]
     ) -> tuple[dict[str, list[LedgerEntry]], dict[str, SubjectFacts]]:
-        """Each subject's folded entries, and its facts where the cache kept them."""
+        """Each subject's folded entries (from the cache, or read outside the fold's transaction), and its facts
+        where the cache kept them."""
         histories: dict[str, list[LedgerEntry]] = {}
         kept: dict[str, SubjectFacts] = {}
         missing: list[str] = []
@@ -234,7 +240,10 @@ class SubjectFolder:
             upto = max(folded[s] for s in missing)
             for subject_id in missing:
                 histories[subject_id] = []
-            for row in await connection.fetch(query("state", "subjects_history"), missing, upto):
+            assert self.pool is not None
+            async with self.pool.acquire() as connection:
+                rows = await connection.fetch(query("state", "subjects_history"), missing, upto)
+            for row in rows:
                 entry = entry_from_row(row)
                 assert entry.subject_id is not None
                 if entry.seq <= folded[entry.subject_id]:

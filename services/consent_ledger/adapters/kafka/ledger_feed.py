@@ -27,7 +27,7 @@ class WatermarkTick:
 class Announcement(NamedTuple):
     """The subject has committed entries up to `seq`; processors read them from the ledger.
 
-    A NamedTuple, not a frozen dataclass: one is built per entry a processor folds, at a third of the cost.
+    A NamedTuple, not a frozen dataclass: the outbox builds one per entry it announces, at a third of the cost.
     """
 
     subject_id: str
@@ -55,14 +55,23 @@ def tick_message(seq: int, partitions: int) -> bytes:
     return json.dumps({"kind": "watermark", "seq": seq, "partitions": partitions}).encode()
 
 
-def parse_announcements(value: bytes | str) -> list[Announcement] | WatermarkTick:
-    """An `entries` or `watermark` message; also the one-entry `entry` messages older outboxes wrote."""
+def merge_announcements(value: bytes | str, announced: dict[str, int]) -> WatermarkTick | None:
+    """Merge an `entries` message into `announced` (each subject's highest seq), or return a `watermark` tick.
+
+    Older outboxes' one-entry `entry` messages are merged too. No object per pair: a processor merges every
+    pair it reads, and building Announcements cost it as much as the merge.
+    """
     document = orjson.loads(value)
     kind = document["kind"]
     if kind == "watermark":
         return WatermarkTick(int(document["seq"]), int(document.get("partitions", 0)))
-    items = document["entries"] if kind == "entries" else [document]
-    return [Announcement(d["subject_id"], int(d["seq"])) for d in items if d.get("subject_id") is not None]
+    for item in document["entries"] if kind == "entries" else (document,):
+        subject_id = item.get("subject_id")
+        if subject_id is not None:
+            seq = int(item["seq"])
+            if seq > announced.get(subject_id, 0):
+                announced[subject_id] = seq
+    return None
 
 
 def unbroken_runs(partitions: Sequence[int], offsets: Sequence[int] | None) -> dict[int, tuple[int, int]]:
