@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import http.client
 import json
@@ -160,7 +161,7 @@ async def _count(url: str, sql: str) -> int:
 
 
 async def _settle(admin_url: str) -> float:
-    """VACUUM (ANALYZE) what the questions read, then wait for autovacuum to go idle; how long it took.
+    """VACUUM (ANALYZE) what the questions read, CHECKPOINT, and wait for autovacuum to go idle; how long it took.
 
     Latency is measured on a settled database, as autovacuum leaves it minutes after a bulk load, not during that
     maintenance: in the lab, a throttled vacuum running alongside took single-question p99 from 2.6 to 4.4 ms.
@@ -171,6 +172,9 @@ async def _settle(admin_url: str) -> float:
         for table in ("ledger", "consent_intervals", "account_intervals", "conversation_facts", "subject_fold_state",
                       "processor_progress"):
             await connection.execute(f"VACUUM (ANALYZE) {table}")
+        # Write out what loading and vacuuming dirtied, so that no checkpoint flushes it during the questions.
+        with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+            await connection.execute("CHECKPOINT")
         for _ in range(600):  # at most ten minutes
             if not await connection.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' AND query <> ''"
@@ -320,19 +324,20 @@ def _measure(
     for process in (processor, *writer_processes):
         _stop(process)
     results["settle_s"] = asyncio.run(_settle(live.admin_database_url))
-    print(f"  settled (VACUUM ANALYZE, autovacuum idle) in {results['settle_s']} s")
+    print(f"  settled (VACUUM ANALYZE, CHECKPOINT, autovacuum idle) in {results['settle_s']} s")
     rng = random.Random(11)
     sample = [e for i, e in enumerate(history(min(events, 200_000), subjects)) if i % 97 == 0 and e.conversation_id]
     client = _Client(url)
     results["single_query"] = _single_queries(client, sample, rng)
     print(f"  single eligibility over HTTP: {results['single_query']}")
     batch: list[float] = []
-    for _ in range(50):
-        items = [{"subject_id": e.subject_id, "conversation_id": e.conversation_id}
-                 for e in rng.sample(sample, min(1000, len(sample)))]
-        t0 = time.perf_counter()
-        client.call("POST", "/v1/eligibility/batch", {"at": "2026-01-01T00:00:00Z", "items": items})
-        batch.append(time.perf_counter() - t0)
+    with _collector_paused():
+        for _ in range(50):
+            items = [{"subject_id": e.subject_id, "conversation_id": e.conversation_id}
+                     for e in rng.sample(sample, min(1000, len(sample)))]
+            t0 = time.perf_counter()
+            client.call("POST", "/v1/eligibility/batch", {"at": "2026-01-01T00:00:00Z", "items": items})
+            batch.append(time.perf_counter() - t0)
     client.close()
     results["batch_1000"] = _percentiles(batch)
     print(f"  1,000-item batch: {results['batch_1000']}")
@@ -384,15 +389,28 @@ def _single_queries(client: _Client, sample: list[Event], rng: random.Random) ->
         client.call("GET", "/v1/eligibility?" + urllib.parse.urlencode(
             {"subject_id": event.subject_id, "conversation_id": event.conversation_id}))
     single: list[float] = []
-    for _ in range(2000):
-        event = rng.choice(sample)
-        at = event.occurred_at + timedelta(days=rng.randrange(30))
-        query = urllib.parse.urlencode({"subject_id": event.subject_id, "conversation_id": event.conversation_id,
-                                        "at": at.isoformat()})
-        t0 = time.perf_counter()
-        client.call("GET", f"/v1/eligibility?{query}")
-        single.append(time.perf_counter() - t0)
+    with _collector_paused():
+        for _ in range(2000):
+            event = rng.choice(sample)
+            at = event.occurred_at + timedelta(days=rng.randrange(30))
+            query = urllib.parse.urlencode({"subject_id": event.subject_id, "conversation_id": event.conversation_id,
+                                            "at": at.isoformat()})
+            t0 = time.perf_counter()
+            client.call("GET", f"/v1/eligibility?{query}")
+            single.append(time.perf_counter() - t0)
     return _percentiles(single)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The client's garbage collector off while it times requests (as timeit does): the service's latency, not
+    the collector's pauses in a client holding a million-event history's leftovers."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 async def _append_history(live: Settings, target: int, *, subjects: int) -> int:
