@@ -36,7 +36,7 @@ from consent_ledger.adapters.kafka.admin import ensure_topics
 from consent_ledger.adapters.kafka.producer import EventProducer
 from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
-from consent_ledger.adapters.postgres.state_store import folded_watermark
+from consent_ledger.adapters.postgres.state_store import TABLE_OF, folded_watermark
 from consent_ledger.apps.publishing import publish_events
 from consent_ledger.apps.stack import settings_env
 from consent_ledger.bootstrap import running_stack
@@ -169,8 +169,7 @@ async def _settle(admin_url: str) -> float:
     started = time.perf_counter()
     connection = await connect(admin_url)
     try:
-        for table in ("ledger", "consent_intervals", "account_intervals", "conversation_facts", "subject_fold_state",
-                      "processor_progress"):
+        for table in ("ledger", *TABLE_OF.values(), "subject_fold_state", "processor_progress"):
             await connection.execute(f"VACUUM (ANALYZE) {table}")
         # Write out what loading and vacuuming dirtied, so that no checkpoint flushes it during the questions.
         with contextlib.suppress(asyncpg.InsufficientPrivilegeError):

@@ -79,7 +79,7 @@ async def run_replay(
             "SELECT count(*) FROM ledger WHERE recorded_at <= $1", until or FAR_FUTURE
         )
         report.entries = total
-        shards = await _shards(connection, until, SHARDS)
+        shards = await _shards(connection, until, total, SHARDS)
         # The chain is verified in one process while others each rebuild and compare a range of subjects: they share
         # nothing and each is CPU-bound in Python (or waits on PostgreSQL), so together they keep both cores busy.
         context = multiprocessing.get_context("spawn")
@@ -187,11 +187,9 @@ def _share_progress(counter: Any) -> None:
     _rebuilt_entries = counter
 
 
-async def _shards(connection: asyncpg.Connection, until: datetime | None, count: int) -> list[Shard]:
-    """`count` ranges of subject ids holding about as many entries each (any boundaries give the same replay)."""
-    total = await connection.fetchval(
-        "SELECT count(*) FROM ledger WHERE subject_id IS NOT NULL AND recorded_at <= $1", until or FAR_FUTURE
-    )
+async def _shards(connection: asyncpg.Connection, until: datetime | None, total: int, count: int) -> list[Shard]:
+    """`count` ranges of subject ids holding about as many of the `total` entries each (any boundaries give the same
+    replay: receipts and policies, which have no subject, only shift them a little)."""
     bounds: set[str] = set()
     for k in range(1, count):
         bound = await connection.fetchval(
@@ -210,12 +208,16 @@ def _in_shard(first_param: int) -> str:
     return f"({low} IS NULL OR subject_id >= {low}) AND ({high} IS NULL OR subject_id < {high})"
 
 
-@dataclass
+WhatIfPart = tuple[int, Counter[str], list[dict[str, Any]]]
+"""A shard's part of the what-if: conversations checked, changes by answer, the first examples."""
+
+
+@dataclass(frozen=True)
 class ShardResult:
     """What one shard's process found: its part of the state comparison and of the what-if."""
 
     state: dict[str, Any]
-    what_if: tuple[int, Counter[str], list[dict[str, Any]]] | None
+    what_if: WhatIfPart | None
     subjects: int
     peak_rss_mb: float
 
@@ -226,9 +228,8 @@ def _rebuild_shard_in_process(
 ) -> ShardResult:
     """A rebuilding process: its own event loop and connections; rebuilds and compares one shard of subjects."""
     tune_gc()
-    result = asyncio.run(_rebuild_and_compare(database_url, until, timeline, alternative, at, shard))
-    result.peak_rss_mb = _peak_rss_mb()
-    return result
+    state, what_if, subjects = asyncio.run(_rebuild_and_compare(database_url, until, timeline, alternative, at, shard))
+    return ShardResult(state, what_if, subjects, _peak_rss_mb())
 
 
 async def _subjects(
@@ -252,7 +253,7 @@ async def _subjects(
 async def _rebuild_and_compare(
     database_url: str, until: datetime | None, timeline: PolicyTimeline, alternative: PolicyTimeline | None,
     at: datetime, shard: Shard,
-) -> ShardResult:
+) -> tuple[dict[str, Any], WhatIfPart | None, int]:
     """Fold the shard's subjects with the processors' code into temporary tables, then diff them with the live ones."""
     reader = await connect(database_url)
     writer = await connect(database_url)  # a second session: the reader's is busy with its cursor
@@ -288,7 +289,8 @@ async def _rebuild_and_compare(
             unreported += len(entries)
             if sum(len(rows) for rows in pending.values()) >= COPY_BATCH:
                 await _flush(writer, pending, current)
-                unreported = _report_progress(unreported)
+                _report_progress(unreported)
+                unreported = 0
         await _flush(writer, pending, current)
         _report_progress(unreported)
         state = await _compare(writer, until, shard)
@@ -296,14 +298,13 @@ async def _rebuild_and_compare(
         await writer.close()
         await reader.close()
     what_if = (conversations_checked, what_if_changes, what_if_examples) if alternative is not None else None
-    return ShardResult(state, what_if, subjects, 0.0)
+    return state, what_if, subjects
 
 
-def _report_progress(entries: int) -> int:
+def _report_progress(entries: int) -> None:
     if _rebuilt_entries is not None:
         with _rebuilt_entries.get_lock():
             _rebuilt_entries.value += entries
-    return 0
 
 
 def _merged_states(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -326,7 +327,7 @@ def _merged_states(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _merged_what_ifs(
     alternative: PolicyTimeline | None, at: datetime,
-    parts: list[tuple[int, Counter[str], list[dict[str, Any]]] | None],
+    parts: list[WhatIfPart | None],
 ) -> dict[str, Any] | None:
     if alternative is None:
         return None
