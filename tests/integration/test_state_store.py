@@ -15,9 +15,7 @@ from consent_ledger.adapters.kafka.ledger_feed import Announcement, announcement
 from consent_ledger.adapters.policy_files import load_timeline
 from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
-from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.state_store import TABLE_OF, plan_writes
-from consent_ledger.apps import stream_processor
 from consent_ledger.apps.stream_processor import SubjectFolder
 from consent_ledger.config import Settings
 from consent_ledger.core.increments import fold_increments
@@ -122,43 +120,6 @@ async def test_entries_lost_by_the_feed_are_folded_from_the_ledger(
     finally:
         await folder.stop()
     assert await rows(service_db, "lossy") == replayed(lossy), [e.seq for e in delivered]
-
-
-async def test_a_batch_folded_in_chunks_writes_the_rows_of_one_fold_or_nothing(
-    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Subjects are folded on the fold thread chunk by chunk while earlier chunks are written: a write failing in a
-    later chunk rolls the whole batch back, and the retry still gives every subject the rows of one fold."""
-    monkeypatch.setattr(stream_processor, "FOLD_CHUNK_SUBJECTS", 2)
-    subjects = [f"chunked-{i}" for i in range(5)]
-    entries = {s: await ledger(ledger_db, s) for s in subjects}
-    messages = [(0, m) for s in subjects for m in announcement_messages(
-        [Announcement(s, e.seq) for e in entries[s]])]
-    folder = SubjectFolder(settings, load_timeline(None))
-    await folder.start()
-    try:
-        written: list[int] = []
-        save = state_store.save_current_state
-
-        async def failing_in_the_third_chunk(connection: asyncpg.Connection, states: dict[str, object]) -> None:
-            written.append(len(states))
-            if len(written) == 3:
-                raise RuntimeError("planted")
-            await save(connection, states)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(state_store, "save_current_state", failing_in_the_third_chunk)
-        with pytest.raises(RuntimeError, match="planted"):
-            await folder.fold_batch(messages)
-        assert written == [2, 2, 1]
-        assert await service_db.fetchval("SELECT count(*) FROM subject_current_state") == 0
-        monkeypatch.setattr(state_store, "save_current_state", save)
-        await folder.fold_batch(messages)
-    finally:
-        await folder.stop()
-    for subject in subjects:
-        assert await rows(service_db, subject) == replayed(entries[subject]), subject
-    assert await service_db.fetchval("SELECT count(*) FROM subject_current_state") == len(subjects)
 
 
 def ticks_recorded(checked_by: str) -> float:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import faust
 
 from consent_ledger.adapters.kafka.group_leave import leave_groups_unless_rebalancing
 from consent_ledger.apps.lifecycle import serve_metrics, tune_gc, wait_for_dependencies
-from consent_ledger.apps.stream_processor import FOLD_SWITCH_INTERVAL_SECONDS, build_app
+from consent_ledger.apps.stream_processor import build_app
 from consent_ledger.config import Settings
 
 
@@ -24,9 +23,6 @@ def run_processor_service(settings: Settings) -> None:
     leave_groups_unless_rebalancing()
     app = build_app(settings)
     tune_gc()
-    # While the fold thread runs, the event loop's thread waits for the GIL each time PostgreSQL answers, up to
-    # the switch interval (5 ms by default) before it may send the next statement of the batch.
-    sys.setswitchinterval(FOLD_SWITCH_INTERVAL_SECONDS)
     # faust's Worker owns the event loop and turns SIGTERM/SIGINT into a clean stop (offsets committed).
     worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

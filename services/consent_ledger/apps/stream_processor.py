@@ -8,9 +8,7 @@ import os
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -44,10 +42,6 @@ log = logging.getLogger("consent_ledger.processor")
 BATCH_MAX = 8
 BATCH_WITHIN_SECONDS = 0.2
 CRASH_EXIT_SECONDS = 30.0
-# Subjects folded per write: while PostgreSQL applies one chunk's rows, the fold thread computes the next. Each
-# chunk costs about eight statements; a batch of 40,000 entries holds about 15,000 subjects.
-FOLD_CHUNK_SUBJECTS = 2_500
-FOLD_SWITCH_INTERVAL_SECONDS = 0.001
 
 
 class HistoryCache:
@@ -71,39 +65,6 @@ class HistoryCache:
             self._entries.popitem(last=False)
 
 
-@dataclass(frozen=True, slots=True)
-class _FoldedChunk:
-    """Some of a batch's subjects, folded: the rows to write, each subject's new fold state, state and facts."""
-
-    plan: state_store.WritePlan
-    new_state: dict[str, tuple[int, datetime]]
-    current: dict[str, tuple[int, dict[str, Any]]]
-    facts: dict[str, SubjectFacts]
-
-
-def _fold_chunk(
-    subjects: list[str], entries: Mapping[str, list[LedgerEntry]], histories: Mapping[str, list[LedgerEntry]],
-    kept: Mapping[str, SubjectFacts], folded_at: Mapping[str, datetime], timeline: PolicyTimeline,
-) -> _FoldedChunk:
-    """Fold the subjects' new entries onto their histories (extended in place); pure, so it runs on the fold
-    thread."""
-    changes = []
-    facts: dict[str, SubjectFacts] = {}
-    new_state: dict[str, tuple[int, datetime]] = {}
-    for subject_id in subjects:
-        fresh, history = entries[subject_id], histories[subject_id]
-        subject_changes, facts[subject_id] = fold_increments(subject_id, history, fresh, timeline, kept.get(subject_id))
-        changes.extend(subject_changes)
-        history.extend(fresh)
-        new_state[subject_id] = (fresh[-1].seq, fresh[-1].recorded_at)
-    return _FoldedChunk(
-        state_store.plan_writes(changes, folded_at),
-        new_state,
-        {s: (new_state[s][0], current_state(facts[s])) for s in subjects},
-        facts,
-    )
-
-
 class SubjectFolder:
     """Folds batches of feed messages into PostgreSQL, exactly once per (subject, seq) whatever the redelivery."""
 
@@ -116,7 +77,6 @@ class SubjectFolder:
         """Per feed partition, the offset of the last message folded here when every message of the partition
         since a tick whose promise held was folded here too, in offset order, in committed transactions."""
         self._starting = asyncio.Lock()
-        self._fold_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fold")
 
     async def start(self) -> asyncpg.Pool:
         """Open the pool once; the agent may get its first batch before any start-up task has run."""
@@ -136,7 +96,6 @@ class SubjectFolder:
     async def stop(self) -> None:
         if self.pool is not None:
             await self.pool.close()
-        self._fold_thread.shutdown(wait=True)
 
     async def fold_batch(
         self, messages: Sequence[tuple[int, bytes]], offsets: Sequence[int] | None = None
@@ -201,43 +160,25 @@ class SubjectFolder:
             reading_histories = reads.create_task(self._histories(folded, sorted(behind)))
         entries = reading_entries.result()
         histories, kept = reading_histories.result()
-        subjects = list(entries)
-        chunks = [subjects[i:i + FOLD_CHUNK_SUBJECTS] for i in range(0, len(subjects), FOLD_CHUNK_SUBJECTS)]
-        loop = asyncio.get_running_loop()
-
-        def fold(chunk: list[str]) -> asyncio.Future[_FoldedChunk]:
-            folded_at = {subject_id: state[subject_id].recorded_at for subject_id in chunk}
-            return loop.run_in_executor(
-                self._fold_thread, _fold_chunk, chunk, entries, histories, kept, folded_at, self.timeline
-            )
-
-        # The fold thread folds the next chunk while this transaction writes the last one's rows, so PostgreSQL
-        # works on its core while Python works on the other: the same statements and transaction as one chunk.
-        remaining = iter(chunks)
-        first = next(remaining, None)
-        folding = None if first is None else fold(first)
-        try:
-            while folding is not None:
-                done = await folding
-                following = next(remaining, None)
-                folding = None if following is None else fold(following)
-                await self._write_chunk(connection, done, histories, touched)
-        finally:
-            if folding is not None:  # a write failed: let the thread finish before the batch is dropped
-                await asyncio.gather(folding, return_exceptions=True)
-        return sum(len(e) for e in entries.values())
-
-    async def _write_chunk(
-        self, connection: asyncpg.Connection, done: _FoldedChunk, histories: dict[str, list[LedgerEntry]],
-        touched: dict[str, SubjectFacts],
-    ) -> None:
-        await state_store.write_plan(connection, done.plan)
-        await state_store.save_fold_state(connection, done.new_state)
-        await state_store.save_current_state(connection, done.current)
-        touched.update(done.facts)
+        changes = []
+        new_state: dict[str, tuple[int, datetime]] = {}
+        for subject_id, fresh in entries.items():
+            history = histories[subject_id]
+            subject_changes, facts = fold_increments(subject_id, history, fresh, self.timeline, kept.get(subject_id))
+            changes.extend(subject_changes)
+            history.extend(fresh)
+            new_state[subject_id] = (fresh[-1].seq, fresh[-1].recorded_at)
+            touched[subject_id] = facts
+        folded_at = {subject_id: state[subject_id].recorded_at for subject_id in entries}
+        await state_store.write_plan(connection, state_store.plan_writes(changes, folded_at))
+        await state_store.save_fold_state(connection, new_state)
+        await state_store.save_current_state(
+            connection, {s: (new_state[s][0], current_state(touched[s])) for s in new_state}
+        )
         # Cached as the transaction will leave them; a rollback leaves folded_seq behind, and the cache misses.
-        for subject_id, (seq, _) in done.new_state.items():
-            self.cache.put(subject_id, seq, histories[subject_id], done.facts[subject_id])
+        for subject_id, (seq, _) in new_state.items():
+            self.cache.put(subject_id, seq, histories[subject_id], touched[subject_id])
+        return sum(len(e) for e in entries.values())
 
     async def _entries_to_fold(
         self, connection: asyncpg.Connection, behind: dict[str, int], folded: dict[str, int]
