@@ -77,7 +77,19 @@ async def test_tampering_is_named_and_fails_the_replay(system: Any, admin_db: as
     assert report["state"]["tables"]["conversation_facts"]["missing_from_live"] == 1
     assert report["state"]["tables"]["consent_intervals"]["extra_in_live"] == 0
 
-    # A derived row twice (under another fact_hash, which the comparison does not read): counted once extra.
+    # A derived row's fact_hash altered (the fold would no longer find it to close it): one extra, one missing.
+    first = await admin_db.fetchrow(
+        "SELECT ctid, fact_hash FROM conversation_facts WHERE subject_id = 'erin' ORDER BY seq LIMIT 1"
+    )
+    await admin_db.execute("UPDATE conversation_facts SET fact_hash = '\\x0f'::bytea WHERE ctid = $1", first["ctid"])
+    code, report, _ = replay(system, tmp_path)
+    facts = report["state"]["tables"]["conversation_facts"]
+    assert (code, facts["extra_in_live"], facts["missing_from_live"]) == (1, 1, 2)  # and the deleted row above
+    assert facts["examples_extra"][0]["fact_hash"] == "0f"
+    await admin_db.execute("UPDATE conversation_facts SET fact_hash = $1 WHERE fact_hash = '\\x0f'::bytea",
+                           first["fact_hash"])
+
+    # A derived row twice (under another fact_hash): counted once extra.
     await admin_db.execute(
         "INSERT INTO account_intervals SELECT subject_id, '\\x00'::bytea, valid_from, valid_to, registered, "
         "account_type, deleted, registered_seq, type_seq, deleted_seq, known_from, known_to "

@@ -371,7 +371,9 @@ async def _compare(writer: asyncpg.Connection, until: datetime | None, shard: Sh
     tables: dict[str, Any] = {}
     differences = 0
     for cls, table in TABLE_OF.items():
-        names = ("subject_id", *COLUMNS_OF[cls], "known_from", "known_to")
+        # fact_hash too: the fold closes a row by its hash, so a row whose hash lies about its content would be
+        # left open (or clash with its successor) by the next fold of its subject.
+        names = ("subject_id", "fact_hash", *COLUMNS_OF[cls], "known_from", "known_to")
         columns = ", ".join(names[:-1])
         # Knowledge after the cut is not part of this replay: a row closed later was still open then.
         live = (f"SELECT {columns}, CASE WHEN known_to > $1 THEN NULL ELSE known_to END AS known_to "
@@ -444,7 +446,15 @@ async def _differences(
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: format_timestamp(v) if isinstance(v, datetime) else v for k, v in row.items()}
+    return {k: _jsonable_value(v) for k, v in row.items()}
+
+
+def _jsonable_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return format_timestamp(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
 
 
 def _verdict(decision: Decision) -> str:
