@@ -369,7 +369,6 @@ async def _compare(writer: asyncpg.Connection, until: datetime | None, shard: Sh
     """Rows only in the live tables (`extra`) and only in the rebuild (`missing`), per table, in the shard."""
     cut = until or FAR_FUTURE
     tables: dict[str, Any] = {}
-    differences = 0
     for cls, table in TABLE_OF.items():
         # fact_hash too: the fold closes a row by its hash, so a row whose hash lies about its content would be
         # left open (or clash with its successor) by the next fold of its subject.
@@ -379,38 +378,31 @@ async def _compare(writer: asyncpg.Connection, until: datetime | None, shard: Sh
         live = (f"SELECT {columns}, CASE WHEN known_to > $1 THEN NULL ELSE known_to END AS known_to "
                 f"FROM {table} WHERE known_from <= $1 AND {_in_shard(2)}")
         rebuilt = f"SELECT {columns}, known_to FROM replay_{table}"
-        (n_extra, extra), (n_missing, missing) = await _differences(writer, names, live, rebuilt, cut, *shard)
-        rows = await writer.fetchval(f"SELECT count(*) FROM replay_{table}")
-        differences += n_extra + n_missing
-        tables[table] = {
-            "rebuilt_rows": rows,
-            "extra_in_live": n_extra,
-            "missing_from_live": n_missing,
-            "examples_extra": [_jsonable(r) for r in extra],
-            "examples_missing": [_jsonable(r) for r in missing],
-        }
+        tables[table] = await _compare_table(writer, table, names, live, rebuilt, cut, *shard)
     fold_state = []
     if until is None:
         fold_state = [dict(r) for r in await writer.fetch(query("state", "fold_state_differences"), EXAMPLES,
                                                           *shard)]
-        differences += len(fold_state)
         # The current state is "now": only a replay of everything can compare it.
-        tables[CURRENT_STATE_TABLE] = await _compare_current_state(writer, shard)
-        differences += tables[CURRENT_STATE_TABLE]["extra_in_live"] + tables[CURRENT_STATE_TABLE]["missing_from_live"]
+        names = ("subject_id", "folded_seq", "state")
+        live = f"SELECT {', '.join(names)} FROM {CURRENT_STATE_TABLE} WHERE {_in_shard(1)}"
+        rebuilt = f"SELECT {', '.join(names)} FROM replay_{CURRENT_STATE_TABLE}"
+        tables[CURRENT_STATE_TABLE] = await _compare_table(writer, CURRENT_STATE_TABLE, names, live, rebuilt, *shard)
+    differences = len(fold_state) + sum(t["extra_in_live"] + t["missing_from_live"] for t in tables.values())
     return {"differences": differences, "tables": tables, "fold_state_differences": fold_state}
 
 
-async def _compare_current_state(writer: asyncpg.Connection, shard: Shard) -> dict[str, Any]:
-    names = ("subject_id", "folded_seq", "state")
-    live = f"SELECT {', '.join(names)} FROM {CURRENT_STATE_TABLE} WHERE {_in_shard(1)}"
-    rebuilt = f"SELECT {', '.join(names)} FROM replay_{CURRENT_STATE_TABLE}"
-    (n_extra, extra), (n_missing, missing) = await _differences(writer, names, live, rebuilt, *shard)
+async def _compare_table(
+    writer: asyncpg.Connection, table: str, names: Sequence[str], live: str, rebuilt: str, *args: Any
+) -> dict[str, Any]:
+    """One table's part of the report: rows rebuilt, and the rows only live and only rebuilt, with examples."""
+    (n_extra, extra), (n_missing, missing) = await _differences(writer, names, live, rebuilt, *args)
     return {
-        "rebuilt_rows": await writer.fetchval(f"SELECT count(*) FROM replay_{CURRENT_STATE_TABLE}"),
+        "rebuilt_rows": await writer.fetchval(f"SELECT count(*) FROM replay_{table}"),
         "extra_in_live": n_extra,
         "missing_from_live": n_missing,
-        "examples_extra": extra,
-        "examples_missing": missing,
+        "examples_extra": [_jsonable(r) for r in extra],
+        "examples_missing": [_jsonable(r) for r in missing],
     }
 
 
