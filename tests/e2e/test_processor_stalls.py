@@ -30,7 +30,6 @@ from system_support import (
 
 from consent_ledger.apps.bench import history
 from consent_ledger.apps.publishing import publish_events
-from consent_ledger.apps.stream_processor import HistoryCache
 from consent_ledger.config import Settings
 
 # The frozen worker is left stopped this long past the session timeout, so the broker has surely evicted it.
@@ -41,7 +40,7 @@ TAKEOVER_DEADLINE = 60.0
 TAIL = 500  # events published last, to show which worker still folds
 FREEZE_DEADLINE = 20.0  # seconds to try to freeze the worker inside a transaction
 # The worker's memory under a burst may grow with what its settings bound, never with the backlog: the history
-# cache (at most `HistoryCache().capacity` subjects' entries; measured ~1.3 KB of RSS per cached entry: +130 MB
+# cache (at most `processor_cache_subjects` subjects' entries; measured ~1.3 KB of RSS per cached entry: +130 MB
 # for 100,000 entries over 10,000 subjects) and a fixed part (faust's and aiokafka's fetch buffers, the batch
 # being folded, allocator slack). The bound is that, above the worker's RSS before the burst, and never more than
 # 400 MB. A backlog held in memory (~2 KB per feed message, raw and parsed) exceeds it under --soak (100,000
@@ -213,7 +212,7 @@ async def test_one_worker_under_a_burst_keeps_its_memory_bounded_and_folds_it_al
         check_published(await publish_events(settings, stream[:warmup]), warmup)
         await wait_for(lambda: folded_to(ledger, warmup + 1), "the worker to fold", workers, writer, killed)
         baseline = max(sampler.samples, default=0.0)
-        cached = min(subjects, HistoryCache().capacity) * events / subjects
+        cached = min(subjects, settings.processor_cache_subjects) * events / subjects
         bound = min(RSS_CAP_MB, baseline + FIXED_MB + cached * ENTRY_KB / 1024)
         started = time.monotonic()
         publishing = asyncio.create_task(publish_events(settings, stream[warmup:]))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import heapq
 import http.client
 import json
 import os
@@ -37,6 +38,7 @@ from consent_ledger.adapters.kafka.producer import EventProducer
 from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.adapters.postgres.state_store import TABLE_OF, folded_watermark
+from consent_ledger.apps.lifecycle import tune_gc
 from consent_ledger.apps.publishing import publish_events
 from consent_ledger.apps.stack import settings_env
 from consent_ledger.bootstrap import running_stack
@@ -50,49 +52,80 @@ SPAN_SECONDS = 240 * 86_400
 
 
 def history(events: int, subjects: int, seed: int = 7) -> Iterator[Event]:
-    """A plausible history: each subject registers, chats, sometimes changes consent, flags, feedback; ~5% late."""
+    """A plausible history, in the order a live service receives it: many subjects' lives interleaved in time.
+
+    Each subject registers, chats, sometimes changes consent, flags, gives feedback; about 5% of events are late
+    (delivered after the subject's next event). Subjects start at random instants of the first quarter of the
+    span, so at any moment about a quarter of them are active: a processor sees each subject again and again,
+    as in production, never a whole life at once. Memory holds only the active subjects' pending events.
+    """
     rng = random.Random(seed)
     per_subject = max(2, events // subjects)
-    produced = 0
-    subject = 0
-    while produced < events:
-        sid = f"subject-{subject:08d}"
-        subject += 1
-        t = START + timedelta(seconds=rng.randrange(SPAN_SECONDS // 4))
-        account = "commercial" if rng.random() < 0.05 else "consumer"
-        batch = [_e(rng, sid, EventType.ACCOUNT_REGISTERED, t, account_type=account)]
-        conversations: list[str] = []
-        while len(batch) < per_subject:
-            t += timedelta(seconds=rng.randrange(1, 86_400 * 3))
-            roll = rng.random()
-            if roll < 0.08:
-                batch.append(_e(rng, sid, EventType.CONSENT_CHANGED, t, choice=rng.choice(("opt_in", "opt_out")),
-                                source=rng.choice(("settings", "policy_prompt", "api"))))
-            elif roll < 0.45 or not conversations:
-                conversations.append(f"{sid}-c{len(conversations)}")
-                batch.append(_e(rng, sid, EventType.CONVERSATION_STARTED, t, conversation_id=conversations[-1]))
-            elif roll < 0.80:
-                batch.append(_e(rng, sid, EventType.CONVERSATION_RESUMED, t, conversation_id=rng.choice(conversations)))
-            elif roll < 0.87:
-                batch.append(_e(rng, sid, EventType.FEEDBACK_REPORTED, t, conversation_id=rng.choice(conversations),
-                                rating=rng.choice(("up", "down", "report"))))
-            elif roll < 0.93:
-                batch.append(_e(rng, sid, EventType.SAFETY_FLAGGED, t, conversation_id=rng.choice(conversations),
-                                flag_id=f"flag-{rng.randrange(10**9)}", category="other"))
-            elif roll < 0.97:
-                batch.append(_e(rng, sid, EventType.CONVERSATION_DELETED, t, conversation_id=rng.choice(conversations)))
-            else:
-                batch.append(_e(rng, sid, EventType.ACCOUNT_TYPE_CHANGED, t,
-                                account_type=rng.choice(("consumer", "commercial"))))
-        for index in range(1, len(batch)):
-            if rng.random() < 0.05:  # a late event: delivered after events that happened later
-                batch[index - 1], batch[index] = batch[index], batch[index - 1]
-        yield from batch[: events - produced]
-        produced += min(len(batch), events - produced)
+    lives = -(-events // per_subject)
+    starts = sorted((rng.randrange(SPAN_SECONDS // 4), number) for number in range(lives))
+    # A min-heap of each admitted subject's next event, keyed by arrival then subject as one integer: the keys
+    # are unique, so the rest of an item is never compared.
+    pending: list[tuple[int, int, list[tuple[int, Event]]]] = []  # (key, position in the life, the life)
+    admitted = 0
+    for _ in range(events):
+        # A subject's events arrive from its start on: admit every life starting before the next arrival.
+        while admitted < lives and (not pending or starts[admitted][0] <= pending[0][0] // lives):
+            offset, number = starts[admitted]
+            admitted += 1
+            life = _life(random.Random(seed * 1_000_003 + number), number, offset, per_subject)
+            heapq.heappush(pending, (life[0][0] * lives + number, 0, life))
+        key, position, life = pending[0]
+        if position + 1 < len(life):
+            heapq.heapreplace(pending, (life[position + 1][0] * lives + key % lives, position + 1, life))
+        else:
+            heapq.heappop(pending)
+        yield life[position][1]
 
 
-def _e(rng: random.Random, subject: str, event_type: EventType, t: datetime, **body: str) -> Event:
-    return Event(uuid.UUID(int=rng.getrandbits(128), version=4), event_type, subject, t, "bench", body)
+def _life(rng: random.Random, number: int, t: int, length: int) -> list[tuple[int, Event]]:
+    """One subject's events, from `t` seconds after START on, with their arrival seconds, in arrival order."""
+    sid = f"subject-{number:08d}"
+    account = "commercial" if rng.random() < 0.05 else "consumer"
+    batch = [_e(rng, sid, EventType.ACCOUNT_REGISTERED, t, account_type=account)]
+    conversations: list[str] = []
+    while len(batch) < length:
+        t += rng.randrange(1, 86_400 * 3)
+        roll = rng.random()
+        if roll < 0.08:
+            batch.append(_e(rng, sid, EventType.CONSENT_CHANGED, t, choice=rng.choice(("opt_in", "opt_out")),
+                            source=rng.choice(("settings", "policy_prompt", "api"))))
+        elif roll < 0.45 or not conversations:
+            conversations.append(f"{sid}-c{len(conversations)}")
+            batch.append(_e(rng, sid, EventType.CONVERSATION_STARTED, t, conversation_id=conversations[-1]))
+        elif roll < 0.80:
+            batch.append(_e(rng, sid, EventType.CONVERSATION_RESUMED, t, conversation_id=rng.choice(conversations)))
+        elif roll < 0.87:
+            batch.append(_e(rng, sid, EventType.FEEDBACK_REPORTED, t, conversation_id=rng.choice(conversations),
+                            rating=rng.choice(("up", "down", "report"))))
+        elif roll < 0.93:
+            batch.append(_e(rng, sid, EventType.SAFETY_FLAGGED, t, conversation_id=rng.choice(conversations),
+                            flag_id=f"flag-{rng.randrange(10**9)}", category="other"))
+        elif roll < 0.97:
+            batch.append(_e(rng, sid, EventType.CONVERSATION_DELETED, t, conversation_id=rng.choice(conversations)))
+        else:
+            batch.append(_e(rng, sid, EventType.ACCOUNT_TYPE_CHANGED, t,
+                            account_type=rng.choice(("consumer", "commercial"))))
+    # The k-th delivery comes at the k-th instant: a late event arrives when the one it swapped with happened.
+    arrivals = sorted(seconds_of(event) for event in batch)
+    for index in range(1, len(batch)):
+        if rng.random() < 0.05:  # a late event: delivered after one that happened later
+            batch[index - 1], batch[index] = batch[index], batch[index - 1]
+    return list(zip(arrivals, batch, strict=True))
+
+
+def seconds_of(event: Event) -> int:
+    return int((event.occurred_at - START).total_seconds())
+
+
+def _e(rng: random.Random, subject: str, event_type: EventType, t: int, **body: str) -> Event:
+    """An event `t` seconds after START."""
+    return Event(uuid.UUID(int=rng.getrandbits(128), version=4), event_type, subject, START + timedelta(seconds=t),
+                 "bench", body)
 
 
 @dataclass
@@ -245,6 +278,9 @@ def run_bench(
 ) -> int:
     # SIGTERM unwinds like Ctrl-C: the services and the embedded servers are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # The history generator keeps the active subjects' events alive, and the default collector thresholds
+    # rescanned them all the time (measured: 18.5 -> 11.6 s to generate 1,000,000 events).
+    tune_gc()
     with tempfile.TemporaryDirectory(prefix="consent-ledger-bench-") as scratch:
         base = settings.model_copy(update={
             "data_dir": Path(scratch), "auditor_tokens": _secret(TOKEN), "api_port": free_port(),

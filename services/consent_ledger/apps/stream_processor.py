@@ -47,7 +47,7 @@ CRASH_EXIT_SECONDS = 30.0
 class HistoryCache:
     """Recently folded subjects' ledger entries and their facts, bounded; a miss reloads from the ledger index."""
 
-    def __init__(self, capacity: int = 10_000) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[str, tuple[int, list[LedgerEntry], SubjectFacts]] = OrderedDict()
 
@@ -71,7 +71,7 @@ class SubjectFolder:
     def __init__(self, settings: Settings, timeline: PolicyTimeline) -> None:
         self.settings = settings
         self.timeline = timeline
-        self.cache = HistoryCache()
+        self.cache = HistoryCache(settings.processor_cache_subjects)
         self.pool: asyncpg.Pool | None = None
         self._unbroken: dict[int, int] = {}
         """Per feed partition, the offset of the last message folded here when every message of the partition
