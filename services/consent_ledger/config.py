@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         60.0, gt=0, description="a silent processor worker leaves the group (its partitions move) after this long"
     )
     processor_cache_subjects: int = Field(
-        50_000, ge=0, description="subjects whose folded history a processor worker keeps in memory (~1.2 KB an entry)"
+        10_000, ge=0, description="subjects whose folded history a processor worker keeps in memory (~1.2 KB an entry)"
     )
     writer_batch_max: int = Field(2000, ge=1, description="most records appended in one transaction")
     max_future_skew_seconds: float = Field(
