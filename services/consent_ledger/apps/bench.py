@@ -65,7 +65,7 @@ def history(events: int, subjects: int, seed: int = 7) -> Iterator[Event]:
     starts = sorted((rng.randrange(SPAN_SECONDS // 4), number) for number in range(lives))
     # A min-heap of each admitted subject's next event, keyed by arrival then subject as one integer: the keys
     # are unique, so the rest of an item is never compared.
-    pending: list[tuple[int, int, list[tuple[int, Event]]]] = []  # (key, position in the life, the life)
+    pending: list[tuple[int, int, int, list[tuple[int, Event]]]] = []  # (key, subject, position, the life)
     admitted = 0
     for _ in range(events):
         # A subject's events arrive from its start on: admit every life starting before the next arrival.
@@ -73,10 +73,10 @@ def history(events: int, subjects: int, seed: int = 7) -> Iterator[Event]:
             offset, number = starts[admitted]
             admitted += 1
             life = _life(random.Random(seed * 1_000_003 + number), number, offset, per_subject)
-            heapq.heappush(pending, (life[0][0] * lives + number, 0, life))
-        key, position, life = pending[0]
+            heapq.heappush(pending, (life[0][0] * lives + number, number, 0, life))
+        _, number, position, life = pending[0]
         if position + 1 < len(life):
-            heapq.heapreplace(pending, (life[position + 1][0] * lives + key % lives, position + 1, life))
+            heapq.heapreplace(pending, (life[position + 1][0] * lives + number, number, position + 1, life))
         else:
             heapq.heappop(pending)
         yield life[position][1]
@@ -87,9 +87,11 @@ def _life(rng: random.Random, number: int, t: int, length: int) -> list[tuple[in
     sid = f"subject-{number:08d}"
     account = "commercial" if rng.random() < 0.05 else "consumer"
     batch = [_e(rng, sid, EventType.ACCOUNT_REGISTERED, t, account_type=account)]
+    instants = [t]
     conversations: list[str] = []
     while len(batch) < length:
         t += rng.randrange(1, 86_400 * 3)
+        instants.append(t)
         roll = rng.random()
         if roll < 0.08:
             batch.append(_e(rng, sid, EventType.CONSENT_CHANGED, t, choice=rng.choice(("opt_in", "opt_out")),
@@ -110,16 +112,11 @@ def _life(rng: random.Random, number: int, t: int, length: int) -> list[tuple[in
         else:
             batch.append(_e(rng, sid, EventType.ACCOUNT_TYPE_CHANGED, t,
                             account_type=rng.choice(("consumer", "commercial"))))
-    # The k-th delivery comes at the k-th instant: a late event arrives when the one it swapped with happened.
-    arrivals = sorted(seconds_of(event) for event in batch)
     for index in range(1, len(batch)):
         if rng.random() < 0.05:  # a late event: delivered after one that happened later
             batch[index - 1], batch[index] = batch[index], batch[index - 1]
-    return list(zip(arrivals, batch, strict=True))
-
-
-def seconds_of(event: Event) -> int:
-    return int((event.occurred_at - START).total_seconds())
+    # The k-th delivery comes at the k-th instant: a late event arrives when the one it swapped with happened.
+    return list(zip(instants, batch, strict=True))
 
 
 def _e(rng: random.Random, subject: str, event_type: EventType, t: int, **body: str) -> Event:
