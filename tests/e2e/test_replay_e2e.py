@@ -103,7 +103,8 @@ async def test_tampering_is_named_and_fails_the_replay(system: Any, admin_db: as
 
     # The current-state table altered: bob's account shown as deleted.
     await admin_db.execute(
-        "UPDATE subject_current_state SET state = jsonb_set(state, '{deleted}', 'true') WHERE subject_id = 'bob'"
+        "UPDATE subject_current_state SET state = jsonb_set(state::jsonb, '{deleted}', 'true')"
+        " WHERE subject_id = 'bob'"
     )
     code, report, output = replay(system, tmp_path)
     assert code == 1
@@ -112,7 +113,8 @@ async def test_tampering_is_named_and_fails_the_replay(system: Any, admin_db: as
     assert current["examples_extra"][0]["subject_id"] == "bob"
     assert "subject_current_state" in output
     await admin_db.execute(
-        "UPDATE subject_current_state SET state = jsonb_set(state, '{deleted}', 'false') WHERE subject_id = 'bob'"
+        "UPDATE subject_current_state SET state = jsonb_set(state::jsonb, '{deleted}', 'false')"
+        " WHERE subject_id = 'bob'"
     )
 
     # A decision receipt's stored results altered by a superuser who bypasses the append-only guard.

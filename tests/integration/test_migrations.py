@@ -46,6 +46,11 @@ _SCHEMA_QUERIES = {
         ORDER BY 1""",
     "indexes": """
         SELECT format('index %s', indexdef) FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1""",
+    "storage": """
+        SELECT format('storage %s %s', c.relname, array_to_string(c.reloptions, ','))
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.reloptions IS NOT NULL
+        ORDER BY 1""",
     "triggers": """
         SELECT format('trigger %s (enabled: %s)', pg_get_triggerdef(t.oid), t.tgenabled)
         FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace

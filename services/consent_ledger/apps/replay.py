@@ -384,9 +384,11 @@ async def _compare(writer: asyncpg.Connection, until: datetime | None, shard: Sh
         fold_state = [dict(r) for r in await writer.fetch(query("state", "fold_state_differences"), EXAMPLES,
                                                           *shard)]
         # The current state is "now": only a replay of everything can compare it.
+        # As jsonb: json has no equality, and two texts of one value are one state.
         names = ("subject_id", "folded_seq", "state")
-        live = f"SELECT {', '.join(names)} FROM {CURRENT_STATE_TABLE} WHERE {_in_shard(1)}"
-        rebuilt = f"SELECT {', '.join(names)} FROM replay_{CURRENT_STATE_TABLE}"
+        columns = "subject_id, folded_seq, state::jsonb AS state"
+        live = f"SELECT {columns} FROM {CURRENT_STATE_TABLE} WHERE {_in_shard(1)}"
+        rebuilt = f"SELECT {columns} FROM replay_{CURRENT_STATE_TABLE}"
         tables[CURRENT_STATE_TABLE] = await _compare_table(writer, CURRENT_STATE_TABLE, names, live, rebuilt, *shard)
     differences = len(fold_state) + sum(t["extra_in_live"] + t["missing_from_live"] for t in tables.values())
     return {"differences": differences, "tables": tables, "fold_state_differences": fold_state}

@@ -14,27 +14,39 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     await connection.set_type_codec(
         "jsonb", schema="pg_catalog", encoder=_jsonb_bytes, decoder=_jsonb_value, format="binary"
     )
-    await connection.set_type_codec("json", schema="pg_catalog", encoder=_json_text, decoder=json.loads)
+    # json's binary form is its text: orjson both ways, as for jsonb (the current state is json, see migration 0004).
+    await connection.set_type_codec(
+        "json", schema="pg_catalog", encoder=_json_bytes, decoder=_json_value, format="binary"
+    )
 
 
 def _json_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _jsonb_bytes(value: Any) -> bytes:
-    # jsonb's binary form: version 1, then the text. orjson writes the same compact UTF-8 JSON as json.dumps
-    # with these options, several times faster; json.dumps takes what orjson refuses (e.g. ints over 64 bits).
+def _json_bytes(value: Any) -> bytes:
+    # orjson writes the same compact UTF-8 JSON as json.dumps with these options, several times faster;
+    # json.dumps takes what orjson refuses (e.g. ints over 64 bits).
     try:
-        return b"\x01" + orjson.dumps(value)
+        return orjson.dumps(value)
     except TypeError:
-        return b"\x01" + _json_text(value).encode()
+        return _json_text(value).encode()
+
+
+def _json_value(data: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:  # numbers beyond orjson's range; PostgreSQL has arbitrary precision
+        return json.loads(bytes(data))
+
+
+def _jsonb_bytes(value: Any) -> bytes:
+    # jsonb's binary form: version 1, then the text.
+    return b"\x01" + _json_bytes(value)
 
 
 def _jsonb_value(data: bytes) -> Any:
-    try:
-        return orjson.loads(data[1:])
-    except orjson.JSONDecodeError:  # numbers beyond orjson's range; PostgreSQL has arbitrary precision
-        return json.loads(data[1:])
+    return _json_value(memoryview(data)[1:])
 
 
 async def connect(url: str) -> asyncpg.Connection:

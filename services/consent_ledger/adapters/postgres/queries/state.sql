@@ -22,7 +22,7 @@ WHERE subject_fold_state.folded_seq < EXCLUDED.folded_seq;
 
 -- name: save_current_state
 INSERT INTO subject_current_state (subject_id, folded_seq, state)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::json[])
 ON CONFLICT (subject_id) DO UPDATE
 SET folded_seq = EXCLUDED.folded_seq, state = EXCLUDED.state
 WHERE subject_current_state.folded_seq < EXCLUDED.folded_seq;
