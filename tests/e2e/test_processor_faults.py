@@ -51,14 +51,18 @@ from consent_ledger.core.ledger import EntryContent
 
 CHUNKS = 20  # the stream is published in chunks, so that it can be paced across a rebalance
 PACE = 2.0  # seconds between chunks once the second worker has started and until it folds
+BATCH_MESSAGES = 8  # feed messages per fold transaction
 
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """A short processor session timeout: a killed worker leaves the group after 10 s rather than 60 s, and the
     embedded Tansu broker, which holds every group join for half the session timeout, lets a worker start
-    folding after 5 s rather than 30 s. Production keeps the default."""
-    return settings.model_copy(update={"processor_session_timeout_seconds": SESSION_TIMEOUT})
+    folding after 5 s rather than 30 s. Small batches, so that a worker folds the first half of the stream in
+    many transactions and the group rebalances while it is folding. Production keeps the defaults."""
+    return settings.model_copy(
+        update={"processor_session_timeout_seconds": SESSION_TIMEOUT, "processor_batch_messages": BATCH_MESSAGES}
+    )
 
 
 @pytest.mark.slow

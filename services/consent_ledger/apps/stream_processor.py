@@ -36,13 +36,14 @@ from consent_ledger.core.state import current_state
 
 log = logging.getLogger("consent_ledger.processor")
 
-# Messages per folding transaction: an `entries` message announces up to 5,000 entries, a tick none. A batch
-# costs about fifteen round trips to PostgreSQL whatever its size, and each subject in it costs its fold state,
-# current state and history once however many of its entries the batch holds: in arrival order a subject's
-# entries are some 20,000 apart, so larger batches fold more of them at once (lab, 300,000 entries, cache
-# 10,000: 8 messages 5,117-5,955 entries/s, 32 messages 7,817-9,872). A batch only fills when the processors
-# are behind; faust waits `within` for it to fill, which adds at most this much to produce -> answerable.
-BATCH_MAX = 32
+# Feed messages per folding transaction: settings.processor_batch_messages, default 128. An `entries` message
+# announces up to 1,000 entries (ledger_feed), a tick none, so a full batch holds at most 128,000 entries
+# (~150 MB in hand). A batch costs about fifteen round trips to PostgreSQL whatever its size, and each subject
+# in it costs its fold state, current state and history once however many of its entries the batch holds: in
+# arrival order a subject's entries are some 20,000 apart, so larger batches fold more of them at once. The
+# outbox publishes what each writer transaction appended (2,000 entries: 500 a partition, and a tick to each),
+# so batches must count many messages. A batch only fills when the processors are behind; faust waits `within`
+# for it to fill, which adds at most this much to produce -> answerable.
 BATCH_WITHIN_SECONDS = 0.2
 # Subjects folded between yields to the event loop: a full batch is seconds of CPU, and the consumer's
 # heartbeats and the stall watchdog's timer run on the same loop.
@@ -280,7 +281,7 @@ def build_app(settings: Settings) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
         # Room for two full batches: faust pauses fetching a partition whose buffer is full (default 4,096).
-        stream_buffer_maxsize=2 * BATCH_MAX,
+        stream_buffer_maxsize=2 * settings.processor_batch_messages,
     )
     feed = app.topic(
         settings.topics.ledger_entries, key_type=bytes, value_type=bytes,
@@ -295,7 +296,10 @@ def build_app(settings: Settings) -> faust.App:
     @app.agent(feed, concurrency=1)
     async def fold(stream: faust.StreamT[Any]) -> None:
         try:
-            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_SECONDS):  # type: ignore[attr-defined]
+            batches = stream.take_events(  # type: ignore[attr-defined]
+                settings.processor_batch_messages, within=BATCH_WITHIN_SECONDS
+            )
+            async for events in batches:
                 await folder.fold_batch([(event.message.partition, event.value) for event in events],
                                         [event.message.offset for event in events])
         except Exception as error:

@@ -46,7 +46,11 @@ def _jsonb_bytes(value: Any) -> bytes:
 
 
 def _jsonb_value(data: bytes) -> Any:
-    return _json_value(memoryview(data)[1:])
+    # Not through _json_value: this decodes every ledger body the fold and the replay read.
+    try:
+        return orjson.loads(memoryview(data)[1:])
+    except orjson.JSONDecodeError:
+        return json.loads(data[1:])
 
 
 async def connect(url: str) -> asyncpg.Connection:
