@@ -13,7 +13,7 @@ from aiokafka.partitioner import murmur2
 
 ANNOUNCEMENTS_PER_MESSAGE = 1000
 """About 60 KB of JSON. Processors batch by message count (faust's take_events), so this bounds the entries
-a full batch holds: 1,000 here times stream_processor.BATCH_MAX."""
+a full batch holds: 1,000 here times settings.processor_batch_messages."""
 
 
 @dataclass(frozen=True, slots=True)
