@@ -595,13 +595,6 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _processor_settings(results: dict[str, Any]) -> str:
-    processor = results.get("processor")  # absent from results written before it was recorded
-    if processor is None:
-        return "cache and batch size not recorded"
-    return f"cache {processor['cache_subjects']:,} subjects, batches of {processor['batch_messages']} messages"
-
-
 def _at_scale_row(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     scaled = results.get("single_query_at_scale")
     if scaled is None:
@@ -613,13 +606,15 @@ def _at_scale_row(results: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def render_table(results: dict[str, Any]) -> str:
     raw = results["raw_copy_rows_per_s"]
+    processor = results["processor"]
     rows = [
         ("raw limit (COPY of the same rows, same indexes; only the COPY timed)", f"{raw:,} rows/s", ""),
         ("ingest (Kafka -> committed ledger rows, once appending)", f"{results['ingest_events_per_s']:,} events/s",
          f"{results['ingest_vs_raw']:.2f} x raw (target >= 0.5)"),
         ("fold (one stream-processor worker, once folding)",
          f"{results['fold_entries_per_s_per_worker']:,} entries/s (after {results['fold']['startup_s']} s "
-         f"joining the group; {_processor_settings(results)})", "target >= 20,000"),
+         f"joining the group; cache {processor['cache_subjects']:,} subjects, batches of "
+         f"{processor['batch_messages']} messages)", "target >= 20,000"),
         ("produce -> answerable at a steady 2,000 events/s", f"p50 {results['end_to_end']['p50_ms']} ms, "
          f"p99 {results['end_to_end']['p99_ms']} ms", ""),
         ("single as-of eligibility over HTTP", f"p50 {results['single_query']['p50_ms']} ms, "

@@ -36,9 +36,9 @@ from consent_ledger.core.state import current_state
 
 log = logging.getLogger("consent_ledger.processor")
 
-# Feed messages per folding transaction: settings.processor_batch_messages, default 128. An `entries` message
-# announces up to 1,000 entries (ledger_feed), a tick none, so a full batch holds at most 128,000 entries
-# (~150 MB in hand). A batch costs about fifteen round trips to PostgreSQL whatever its size, and each subject
+# Feed messages per folding transaction: settings.processor_batch_messages. An `entries` message announces up to
+# ANNOUNCEMENTS_PER_MESSAGE entries (ledger_feed), a tick none, which bounds what a full batch holds in memory
+# (~1.2 KB an entry). A batch costs about fifteen round trips to PostgreSQL whatever its size, and each subject
 # in it costs its fold state, current state and history once however many of its entries the batch holds: in
 # arrival order a subject's entries are some 20,000 apart, so larger batches fold more of them at once. The
 # outbox publishes what each writer transaction appended (2,000 entries: 500 a partition, and a tick to each),

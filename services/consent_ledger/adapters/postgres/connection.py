@@ -46,11 +46,8 @@ def _jsonb_bytes(value: Any) -> bytes:
 
 
 def _jsonb_value(data: bytes) -> Any:
-    # Not through _json_value: this decodes every ledger body the fold and the replay read.
-    try:
-        return orjson.loads(memoryview(data)[1:])
-    except orjson.JSONDecodeError:
-        return json.loads(data[1:])
+    # jsonb's binary form: version 1, then the text (a view: no copy of it).
+    return _json_value(memoryview(data)[1:])
 
 
 async def connect(url: str) -> asyncpg.Connection:
