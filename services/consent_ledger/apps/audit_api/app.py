@@ -138,7 +138,10 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         assert settings.database_url is not None
-        pool = await create_pool(settings.database_url, min_size=2, max_size=10, stateless=True)
+        # Generic plans: PostgreSQL kept re-planning the question's statement (1.3 ms of planning against 0.6 ms of
+        # execution for one item), as its cost model underrates planning; the generic plan is as fast at 1,000 items.
+        pool = await create_pool(settings.database_url, min_size=2, max_size=10, stateless=True,
+                                 server_settings={"plan_cache_mode": "force_generic_plan"})
         app.state.pool = pool
         app.state.service = EligibilityService(
             pool, load_timeline(settings.policy_file), app_id=settings.processor_group_id,
