@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,10 @@ from consent_ledger.core.ledger import DECISION_RECORDED, EntryContent, LedgerEn
 from consent_ledger.core.policy import PolicyTimeline
 
 RECEIPT_PRODUCER = "consent-ledger/audit-api"
+PARALLEL_ITEMS = 200
+"""From this many questions on, the state rows are read in two halves at once, on two sessions: PostgreSQL works on
+both on two cores. Lab, 1,000 items, in-process, three alternating runs: p50 131-144 -> 110-116 ms, p99 196-225 ->
+142-155 ms. The extra round trips (a snapshot exported and imported) cost more than they save for a few items."""
 
 
 class StateBehind(RuntimeError):
@@ -46,7 +51,7 @@ class Question:
 
 
 def answer_json(
-    question: Question, decision: Decision, at: str, known_at: str, watermark: int, evidence: EvidenceJson,
+    question: Question, decision: Decision, at: str, known_at: str, watermark: int, evidence: state_store.Cited,
 ) -> dict[str, Any]:
     """One answer; `at` and `known_at` come formatted, once for all the answers of a request."""
     return {
@@ -58,7 +63,7 @@ def answer_json(
         "basis": list(decision.basis),
         "reasons": list(decision.reasons),
         "policy_version": decision.policy_version,
-        "evidence": [evidence[seq] for seq in decision.evidence_seqs if seq in evidence],
+        "evidence": [evidence.as_json(seq) for seq in decision.evidence_seqs if seq in evidence],
         "ledger_watermark": watermark,
     }
 
@@ -73,23 +78,6 @@ def evidence_json(entry: LedgerEntry) -> dict[str, Any]:
     }
 
 
-class EvidenceJson:
-    """The evidence objects of one request's answers, each rendered once (a batch cites seqs many times)."""
-
-    def __init__(self, cited: Mapping[int, state_store.Cited]) -> None:
-        self._cited = cited
-        self._rendered: dict[int, dict[str, Any]] = {}
-
-    def __contains__(self, seq: int) -> bool:
-        return seq in self._cited
-
-    def __getitem__(self, seq: int) -> dict[str, Any]:
-        rendered = self._rendered.get(seq)
-        if rendered is None:
-            rendered = self._rendered[seq] = self._cited[seq].as_json()
-        return rendered
-
-
 class EligibilityService:
     """Everything the API and CLI ask of the ledger and state; one pool, one policy timeline."""
 
@@ -102,6 +90,7 @@ class EligibilityService:
         self.app_id = app_id
         self.partitions = partitions
         self.state_wait_seconds = state_wait_seconds
+        self._taking_several = asyncio.Lock()
 
     async def watermark_at(self, connection: asyncpg.Connection, known_at: datetime) -> int:
         row = await connection.fetchrow(query("ledger", "watermark_at"), known_at)
@@ -110,17 +99,49 @@ class EligibilityService:
     async def folded(self, connection: asyncpg.Connection) -> int:
         return await state_store.folded_watermark(connection, self.app_id, self.partitions)
 
+    @asynccontextmanager
+    async def _sessions(self, count: int) -> AsyncIterator[list[asyncpg.Connection]]:
+        """`count` sessions of the pool. Several are taken under a lock, so that two requests never each hold one
+        of the pool's last sessions while waiting for another."""
+        async with AsyncExitStack() as stack:
+            if count == 1:
+                yield [await stack.enter_async_context(self.pool.acquire())]
+                return
+            async with self._taking_several:
+                sessions = [await stack.enter_async_context(self.pool.acquire()) for _ in range(count)]
+            yield sessions
+
+    async def _read_inputs(
+        self, sessions: Sequence[asyncpg.Connection], items: Sequence[tuple[str, str]], at: datetime,
+        known_at: datetime,
+    ) -> state_store.DecisionInputs:
+        """One read of the state rows: on one session, or split by subject over several sharing one snapshot."""
+        if len(sessions) == 1:
+            return await state_store.decision_inputs(sessions[0], items, at, known_at, self.app_id, self.partitions)
+        first, *others = sessions
+        async with AsyncExitStack() as stack:
+            # Repeatable read on all, the others importing the first's snapshot: every part sees the same ledger,
+            # so the parts' watermarks and rows are those of one read.
+            await stack.enter_async_context(first.transaction(isolation="repeatable_read", readonly=True))
+            snapshot = await first.fetchval("SELECT pg_export_snapshot()")
+            for other in others:
+                await stack.enter_async_context(other.transaction(isolation="repeatable_read", readonly=True))
+                await other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # an id PostgreSQL made: no quoting
+            parts = await asyncio.gather(*(
+                state_store.decision_inputs(session, part, at, known_at, self.app_id, self.partitions)
+                for session, part in zip(sessions, _split_by_subject(items, len(sessions)), strict=True)
+            ))
+        return state_store.merged_inputs(parts)
+
     async def _inputs(
-        self, connection: asyncpg.Connection, questions: Sequence[Question], at: datetime, known_at: datetime,
+        self, sessions: Sequence[asyncpg.Connection], questions: Sequence[Question], at: datetime, known_at: datetime,
         watermark: int | None,
     ) -> state_store.DecisionInputs:
         """The state rows for the questions, once everything the question may see is folded (or StateBehind)."""
         items = [(q.subject_id, q.conversation_id) for q in questions]
         deadline = time.monotonic() + self.state_wait_seconds
         while True:
-            inputs = await state_store.decision_inputs(
-                connection, items, at, known_at, self.app_id, self.partitions
-            )
+            inputs = await self._read_inputs(sessions, items, at, known_at)
             needed = inputs.watermark if watermark is None else watermark
             if inputs.folded >= needed:
                 return inputs
@@ -132,23 +153,23 @@ class EligibilityService:
         self, questions: Sequence[Question], at: datetime | None, known_at: datetime | None,
         *, watermark: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Answer every question at one `at` and `known_at` (default: now), in one query in all.
+        """Answer every question at one `at` and `known_at` (default: now), in one query (two at once for many).
 
         With `watermark`, knowledge is cut at that seq instead (how a receipt is reproduced).
         """
         now = datetime.now(UTC)
         at = at or now
-        async with self.pool.acquire() as connection:
+        parts = 2 if len(questions) >= PARALLEL_ITEMS and self.pool.get_max_size() >= 2 else 1
+        async with self._sessions(parts) as sessions:
             if watermark is not None:
-                known_at = await self.recorded_at_of(connection, watermark)
+                known_at = await self.recorded_at_of(sessions[0], watermark)
             known_at = known_at or now
-            inputs = await self._inputs(connection, questions, at, known_at, watermark)
+            inputs = await self._inputs(sessions, questions, at, known_at, watermark)
         seen = inputs.watermark if watermark is None else watermark
-        evidence = EvidenceJson(inputs.cited)
         at_text, known_at_text = format_timestamp(at), format_timestamp(known_at)
         return [
             answer_json(q, decide_eligibility(inputs.facts[q.subject_id], q.conversation_id, at, self.timeline),
-                        at_text, known_at_text, seen, evidence)
+                        at_text, known_at_text, seen, inputs.cited)
             for q in questions
         ]
 
@@ -252,6 +273,16 @@ class EligibilityService:
             "entry_hash": head.entry_hash.hex(),
             "recorded_at": format_timestamp(head.recorded_at) if head.recorded_at else None,
         }
+
+
+def _split_by_subject(items: Sequence[tuple[str, str]], parts: int) -> list[list[tuple[str, str]]]:
+    """`parts` lists of the items, each subject's items in one of them (a subject's rows are read once)."""
+    subjects = sorted({subject for subject, _ in items})
+    part_of = {subject: i * parts // len(subjects) for i, subject in enumerate(subjects)}
+    split: list[list[tuple[str, str]]] = [[] for _ in range(parts)]
+    for item in items:
+        split[part_of[item[0]]].append(item)
+    return split
 
 
 def _receipt_result(answer: Mapping[str, Any]) -> dict[str, Any]:
