@@ -85,7 +85,7 @@ def history(events: int, subjects: int, seed: int = 7) -> Iterator[Event]:
 def whole_lives(events: int, subjects: int, seed: int) -> Iterator[Event]:
     """The lives of `history`, each subject's whole life at once: how the ledger is grown for the questions at
     scale, which need its size, not its arrival order (in arrival order a processor refolds nearly every subject
-    at every batch, and the growth to 10,000,000 entries no longer fit in the run's hour)."""
+    at every batch, and the growth to 10,000,000 entries folded slower than it was appended)."""
     rng = random.Random(seed)
     per_subject = max(2, events // subjects)
     for number in range(-(-events // per_subject)):
