@@ -77,13 +77,17 @@ WITH asked AS (
   WHERE f.occurred_at <= $3 AND f.known_from <= $4 AND (f.known_to IS NULL OR f.known_to > $4)
 ), cited AS (
   -- Rendered here as the API shows them (RFC 3339, six digits, Z): PostgreSQL formats them faster than Python.
+  -- One index scan over the seqs sorted, not a probe per seq: the scan walks the leaves in order (lab, 1,000
+  -- items: 32,000 -> 24,000 buffer hits, p50 61.5-67.5 -> 56.3-64.4 ms; one item unchanged).
   SELECT l.seq, l.event_id::text AS event_id, l.event_type,
          to_char(l.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS occurred_at,
          to_char(l.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS recorded_at
   FROM ledger l
-  WHERE l.seq IN (SELECT source_seq FROM consent
-                  UNION ALL SELECT unnest(ARRAY[registered_seq, type_seq, deleted_seq]) FROM account
-                  UNION ALL SELECT seq FROM facts)
+  WHERE l.seq = ANY(ARRAY(SELECT DISTINCT s FROM (SELECT source_seq FROM consent
+                                                  UNION ALL SELECT unnest(ARRAY[registered_seq, type_seq, deleted_seq])
+                                                            FROM account
+                                                  UNION ALL SELECT seq FROM facts) cited_seqs(s)
+                          WHERE s IS NOT NULL ORDER BY 1))
 )
 SELECT
   coalesce((SELECT seq FROM ledger WHERE recorded_at <= $4 ORDER BY recorded_at DESC, seq DESC LIMIT 1), 0)
