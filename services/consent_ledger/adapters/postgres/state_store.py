@@ -261,7 +261,7 @@ async def decision_inputs(
         )
         for subject, _ in items
     }
-    cited = Cited([row[f"e_{name}"] or () for name in CITED_COLUMNS])
+    cited = Cited(_arrays(row, "e", CITED_COLUMNS))
     return DecisionInputs(int(row["watermark"]), int(row["folded"]), facts, cited)
 
 
@@ -271,7 +271,9 @@ def merged_inputs(parts: Sequence[DecisionInputs]) -> DecisionInputs:
     if any((p.watermark, p.folded) != (first.watermark, first.folded) for p in parts):
         raise RuntimeError("parts of one read saw different ledgers: they must share one snapshot")
     facts = {subject: f for part in parts for subject, f in part.facts.items()}
-    columns = [[value for part in parts for value in part.cited.columns[i]] for i in range(len(CITED_COLUMNS))]
+    # Each column of the merged set: that column's arrays of all parts, end to end.
+    columns = [[value for array in arrays for value in array]
+               for arrays in zip(*(p.cited.columns for p in parts), strict=True)]
     return DecisionInputs(first.watermark, first.folded, facts, Cited(columns))
 
 
@@ -280,9 +282,14 @@ def _in_order(rows: list[RowT], key: Callable[[RowT], Any]) -> tuple[RowT, ...]:
     return tuple(rows) if len(rows) < 2 else tuple(sorted(rows, key=key))
 
 
+def _arrays(row: Mapping[str, Any], prefix: str, names: Iterable[str]) -> list[Sequence[Any]]:
+    """The column arrays named `<prefix>_<column>` of a row (NULL, read as empty, when there are no rows)."""
+    return [row[f"{prefix}_{name}"] or () for name in names]
+
+
 def _columns(row: Mapping[str, Any], prefix: str, names: Iterable[str]) -> Iterator[tuple[Any, ...]]:
-    """Rows back from a row of column arrays named `<prefix>_<column>` (NULL when there are no rows)."""
-    return zip(*(row[f"{prefix}_{name}"] or () for name in names), strict=True)
+    """Rows back from a row of column arrays named `<prefix>_<column>`."""
+    return zip(*_arrays(row, prefix, names), strict=True)
 
 
 def _values(row: Mapping[str, Any], cls: type[Any]) -> list[Any]:
