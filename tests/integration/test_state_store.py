@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -9,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from ledger_support import wait_until
 from prometheus_client import REGISTRY
 
 from consent_ledger.adapters.kafka.ledger_feed import Announcement, announcement_messages, tick_message
@@ -152,3 +154,45 @@ async def test_a_tick_skips_the_ledger_scan_only_after_an_unbroken_run_of_offset
     assert await rows(service_db, "runs") == replayed(entries)
     progress = await service_db.fetchval("SELECT watermark_seq FROM processor_progress WHERE partition = 0")
     assert progress == entries[-1].seq
+
+
+def fold_retries() -> float:
+    return REGISTRY.get_sample_value("consent_ledger_fold_retries_total", {"sqlstate": "40P01"}) or 0.0
+
+
+async def test_a_fold_rolled_back_by_a_deadlock_is_folded_again(
+    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection, admin_db: asyncpg.Connection
+) -> None:
+    """Two workers folding one partition in a rebalance can lock its subjects in opposite orders: PostgreSQL
+    aborts one transaction, and that worker folds its batch again instead of failing."""
+    first, second = await ledger(ledger_db, "dl-a"), await ledger(ledger_db, "dl-b")
+    folder = SubjectFolder(settings, load_timeline(None))
+    await folder.start()
+    retries = fold_retries()
+    try:
+        # Both subjects folded once, so both have fold-state rows to lock.
+        early = [Announcement(e.subject_id, e.seq) for e in (first[0], second[0])]
+        await folder.fold_batch([(0, m) for m in announcement_messages(early)])
+        rest = [Announcement(e.subject_id, e.seq) for e in (*first[1:], *second[1:])]
+        async with admin_db.transaction():
+            # The other worker: its own detector waits longer, so PostgreSQL aborts the folder's transaction.
+            await admin_db.execute("SET LOCAL deadlock_timeout = '20s'")
+            await admin_db.execute("SELECT 1 FROM subject_fold_state WHERE subject_id = 'dl-b' FOR UPDATE")
+            folding = asyncio.create_task(folder.fold_batch([(0, m) for m in announcement_messages(rest)]))
+            # The folder locks dl-a, then waits for dl-b; taking dl-a closes the cycle.
+            async def folder_waits() -> bool:
+                return bool(await admin_db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                ))
+
+            async def activity() -> str:
+                return repr(await admin_db.fetch("SELECT pid, state, wait_event_type, query FROM pg_stat_activity"))
+
+            await wait_until(folder_waits, 20, activity, poll_s=0.02)
+            await admin_db.execute("SELECT 1 FROM subject_fold_state WHERE subject_id = 'dl-a' FOR UPDATE")
+        await asyncio.wait_for(folding, 30)
+    finally:
+        await folder.stop()
+    assert fold_retries() - retries == 1
+    assert await rows(service_db, "dl-a") == replayed(first)
+    assert await rows(service_db, "dl-b") == replayed(second)

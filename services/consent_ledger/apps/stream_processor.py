@@ -49,6 +49,10 @@ BATCH_WITHIN_SECONDS = 0.2
 # heartbeats and the stall watchdog's timer run on the same loop.
 SUBJECTS_PER_YIELD = 2_000
 CRASH_EXIT_SECONDS = 30.0
+# Transactions rolled back by PostgreSQL (deadlock, serialization failure) are folded again this many times in
+# all, after a pause growing by this much, before the worker gives up and restarts.
+FOLD_ATTEMPTS = 5
+FOLD_RETRY_SECONDS = 0.1
 
 
 class HistoryCache:
@@ -126,16 +130,20 @@ class SubjectFolder:
         # A tick ending an unbroken run from the last tick that held promises only what the run announced, and
         # the run is folded in this batch or was in earlier ones: the ledger scan would find nothing behind.
         trusted = {p for p, (first, _) in runs.items() if self._unbroken.get(p) == first - 1}
-        touched: dict[str, SubjectFacts] = {}
-        async with pool.acquire() as connection, connection.transaction():
-            folded = await self._fold_subjects(connection, announced, touched)
-            # What the ticks promise, once the announced entries are folded: normally nothing is left behind.
-            promised = await self._behind_ticks(connection, {p: t for p, t in ticks.items() if p not in trusted})
-            if promised:
-                folded += await self._fold_subjects(connection, promised, touched)
-            await state_store.save_progress(
-                connection, self.settings.processor_group_id, {p: t.seq for p, t in ticks.items()}
-            )
+        for attempt in range(1, FOLD_ATTEMPTS + 1):
+            try:
+                touched, folded = await self._fold_once(pool, announced, ticks, trusted)
+                break
+            except asyncpg.TransactionRollbackError as error:
+                # A deadlock (two workers folding one partition during a rebalance lock its subjects in two
+                # rounds each) or a serialization failure: PostgreSQL rolled the transaction back, so the batch
+                # is folded again from what is committed. What the attempt cached is keyed by the seq it folded up
+                # to, and a subject's entries up to a seq always fold to the same facts.
+                if attempt == FOLD_ATTEMPTS:
+                    raise
+                metrics.FOLD_RETRIES.labels(error.sqlstate).inc()
+                log.warning("fold transaction rolled back (%s: %s); folding the batch again", error.sqlstate, error)
+                await asyncio.sleep(FOLD_RETRY_SECONDS * attempt)
         # Committed: each partition's run now continues from a tick that held, or is broken (or unknown) and
         # its next tick is checked against the ledger again.
         for partition in {p for p, _ in messages}:
@@ -150,6 +158,22 @@ class SubjectFolder:
         metrics.FOLD_BATCH_SIZE.observe(len(messages))
         metrics.FOLD_LATENCY.observe(time.perf_counter() - started)
         return touched
+
+    async def _fold_once(
+        self, pool: asyncpg.Pool, announced: dict[str, int], ticks: dict[int, WatermarkTick], trusted: set[int]
+    ) -> tuple[dict[str, SubjectFacts], int]:
+        """One transaction folding the batch: the touched subjects' facts, and how many entries were folded."""
+        touched: dict[str, SubjectFacts] = {}
+        async with pool.acquire() as connection, connection.transaction():
+            folded = await self._fold_subjects(connection, announced, touched)
+            # What the ticks promise, once the announced entries are folded: normally nothing is left behind.
+            promised = await self._behind_ticks(connection, {p: t for p, t in ticks.items() if p not in trusted})
+            if promised:
+                folded += await self._fold_subjects(connection, promised, touched)
+            await state_store.save_progress(
+                connection, self.settings.processor_group_id, {p: t.seq for p, t in ticks.items()}
+            )
+        return touched, folded
 
     async def _fold_subjects(
         self, connection: asyncpg.Connection, announced: dict[str, int], touched: dict[str, SubjectFacts]
