@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import asyncpg
+import httpx
 import pytest
 
 from consent_ledger.adapters.kafka.ledger_feed import Announcement, announcement_messages, tick_message
-from consent_ledger.adapters.policy_files import load_timeline
+from consent_ledger.adapters.policy_files import DEFAULT_TIMELINE, load_timeline
 from consent_ledger.adapters.postgres.connection import connect, create_pool
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.adapters.postgres.state_store import Cited, DecisionInputs, merged_inputs
+from consent_ledger.apps.audit_api.app import create_app
 from consent_ledger.apps.audit_api.service import PARALLEL_ITEMS, EligibilityService, Question
 from consent_ledger.apps.bench import history
+from consent_ledger.apps.policy_record import record_policy_if_changed
 from consent_ledger.apps.stream_processor import SubjectFolder
 from consent_ledger.config import Settings
 from consent_ledger.core.eligibility import decide_from_entries
 from consent_ledger.core.ledger import EntryContent, LedgerEntry
+from consent_ledger.core.policy import PolicyTimeline
+
+AUDITOR = {"Authorization": "Bearer auditor-token"}
+STATE_TABLES = ("consent_intervals", "account_intervals", "conversation_facts", "subject_fold_state",
+                "subject_current_state", "processor_progress")
 
 
 @pytest.fixture
@@ -105,3 +116,73 @@ def test_parts_that_saw_different_ledgers_are_refused() -> None:
     empty = Cited([(), (), (), (), ()])
     with pytest.raises(RuntimeError, match="share one snapshot"):
         merged_inputs([DecisionInputs(5, 5, {}, empty), DecisionInputs(6, 6, {}, empty)])
+
+
+async def test_a_new_policy_timeline_is_refused_until_the_state_is_rebuilt_then_answered(
+    settings: Settings, folded: list[LedgerEntry], admin_db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """deploy/OPERATIONS.md, "Changing the policy timeline", step by step: until the state tables are rebuilt, the
+    API refuses (503 naming both versions) and is not ready; the writer's recorded policy then ticks every
+    partition, the processors fold every subject again under it, and the answers are the new policy's."""
+    document = json.loads(DEFAULT_TIMELINE.read_text())
+    document["timeline_id"] = "with-v3"
+    document["periods"].insert(1, {"policy_version": "v3-test", "from": "2025-07-15T00:00:00.000000Z",
+                                   "default_consent_on": True})
+    policy_file = tmp_path / "timeline.json"
+    policy_file.write_text(json.dumps(document))
+    new = load_timeline(policy_file)
+    assert settings.database_url is not None
+
+    async def processors_see_tick(timeline: PolicyTimeline, seq: int) -> None:
+        folder = SubjectFolder(settings, timeline)
+        await folder.start()
+        try:
+            await folder.fold_batch([(0, tick_message(seq, 1))])  # the tick the outbox sends after an entry
+        finally:
+            await folder.stop()
+
+    # What the running writer and processors did: the default timeline recorded, and its tick folded.
+    recorded = await record_policy_if_changed(settings.database_url, load_timeline(None))
+    assert recorded is not None
+    await processors_see_tick(load_timeline(None), recorded)
+    at = max(e.occurred_at for e in folded) + timedelta(days=1)
+    asked = sorted({(e.subject_id, e.body["conversation_id"])
+                    for e in folded if e.subject_id and "conversation_id" in e.body})
+    question = {"subject_id": asked[0][0], "conversation_id": asked[0][1], "at": at.isoformat()}
+    app = create_app(settings.model_copy(update={"policy_file": policy_file, "topic_partitions": 1}))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit.test") as client,
+    ):
+        refused = await client.get("/v1/eligibility", params=question, headers=AUDITOR)
+        assert refused.status_code == 503, refused.text
+        # Folded under the default timeline, in which v1-opt-in is in force until 2025-09-28.
+        assert (refused.json()["folded_policy_version"], refused.json()["policy_version"]) == ("v1-opt-in", "v3-test")
+        assert "policy timeline" in " ".join((await client.get("/readyz")).json()["problems"])
+
+        # The procedure: processors stopped, state tables emptied, the writer restarted with the new file.
+        await admin_db.execute(f"TRUNCATE {', '.join(STATE_TABLES)}")
+        seq = await record_policy_if_changed(settings.database_url, new)
+        assert seq is not None
+        await processors_see_tick(new, seq)
+
+        assert (await client.get("/readyz")).json()["problems"] == []
+        by_subject: dict[str, list[LedgerEntry]] = defaultdict(list)
+        for entry in folded:
+            if entry.subject_id:
+                by_subject[entry.subject_id].append(entry)
+        items = [{"subject_id": subject, "conversation_id": conversation} for subject, conversation in asked]
+        answered = await client.post("/v1/eligibility/batch", json={"at": at.isoformat(), "items": items},
+                                     headers=AUDITOR)
+        assert answered.status_code == 200, answered.text
+        known_at = datetime.now(UTC)
+        changed = 0
+        for answer in answered.json()["results"]:
+            subject, conversation = answer["subject_id"], answer["conversation_id"]
+            expected = decide_from_entries(by_subject[subject], subject, conversation, at, known_at, new)
+            before = decide_from_entries(by_subject[subject], subject, conversation, at, known_at,
+                                         load_timeline(None))
+            assert (answer["eligible"], answer["reasons"], answer["policy_version"]) == (
+                expected.eligible, list(expected.reasons), "v3-test"), answer
+            changed += (expected.eligible, expected.reasons) != (before.eligible, before.reasons)
+        assert changed > 0  # the new default decides some answers: a comparison that can fail

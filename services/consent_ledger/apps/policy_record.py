@@ -6,6 +6,8 @@ import logging
 import uuid
 from datetime import UTC, datetime
 
+import asyncpg
+
 from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.adapters.postgres.queries import query
@@ -37,3 +39,9 @@ async def record_policy_if_changed(database_url: str, timeline: PolicyTimeline) 
         return seq
     finally:
         await connection.close()
+
+
+async def differs_from_recorded(connection: asyncpg.Connection, timeline: PolicyTimeline) -> bool:
+    """Whether the last `policy.published` entry holds another timeline (False while none is recorded)."""
+    latest = await connection.fetchval(query("ledger", "latest_policy"))
+    return latest is not None and canonical_json(latest) != canonical_json(timeline_to_json(timeline))

@@ -99,16 +99,24 @@ def _reason_without_basis(consent: ConsentInterval, history: Sequence[Conversati
     return NO_ACTIVITY_UNDER_CONSENT
 
 
+class FoldedUnderAnotherPolicy(ValueError):
+    """The facts were folded under another policy timeline: their defaults would answer the wrong policy."""
+
+    def __init__(self, at: datetime, folded_version: str, policy_version: str) -> None:
+        super().__init__(
+            f"the consent interval at {at.isoformat()} was folded under {folded_version!r}, "
+            f"but {policy_version!r} is in force in the timeline given"
+        )
+        self.folded_version = folded_version
+        self.policy_version = policy_version
+
+
 def _consent_in_view(facts: SubjectFacts, at: datetime, policy_version: str) -> ConsentInterval:
     consent = facts.consent_at(at)
     if consent is None:
         raise ValueError(f"the facts of {facts.subject_id!r} have no consent interval containing {at}")
     if consent.policy_version != policy_version:
-        # The facts were folded under another timeline: their defaults would answer the wrong policy.
-        raise ValueError(
-            f"the consent interval at {at} was folded under {consent.policy_version!r}, "
-            f"but {policy_version!r} is in force in the timeline given"
-        )
+        raise FoldedUnderAnotherPolicy(at, consent.policy_version, policy_version)
     return consent
 
 

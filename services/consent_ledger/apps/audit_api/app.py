@@ -34,7 +34,9 @@ from consent_ledger.apps.audit_api.service import (
     Question,
     StateBehind,
 )
+from consent_ledger.apps.policy_record import differs_from_recorded
 from consent_ledger.config import Settings
+from consent_ledger.core.eligibility import FoldedUnderAnotherPolicy
 from consent_ledger.core.events import MAX_SUBJECT_ID_LENGTH, format_timestamp, parse_timestamp
 from consent_ledger.core.ledger import LedgerEntry
 
@@ -194,6 +196,16 @@ def create_app(settings: Settings) -> FastAPI:
         detail = [{key: value for key, value in e.items() if key != "input"} for e in error.errors()]
         return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
 
+    @app.exception_handler(FoldedUnderAnotherPolicy)
+    async def folded_under_another_policy(_request: Request, error: FoldedUnderAnotherPolicy) -> JSONResponse:
+        # Not the question's fault and not transient: the services were given different policy files.
+        return JSONResponse({
+            "detail": f"{error}: the stream processors and this API were started with different policy timelines. "
+                      "Give every service the same CONSENT_LEDGER_POLICY_FILE; after a change of policy, rebuild the "
+                      "state tables (deploy/OPERATIONS.md, Changing the policy timeline)",
+            "folded_policy_version": error.folded_version, "policy_version": error.policy_version,
+        }, status_code=503)
+
     @app.exception_handler(NotFound)
     async def not_found(_request: Request, error: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=404)
@@ -313,7 +325,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(svc: Service) -> JSONResponse:
-        """Connected, migrated, and the state tables within the allowed lag of the ledger head."""
+        """Connected, migrated, the policy timeline the one last recorded, and the state within the allowed lag."""
         problems: list[str] = []
         assert settings.database_url is not None
         pending = await pending_migrations(settings.database_url)
@@ -322,6 +334,9 @@ def create_app(settings: Settings) -> FastAPI:
         async with svc.pool.acquire() as connection:
             head = (await svc.head())["seq"]
             folded = await svc.folded(connection)
+            if await differs_from_recorded(connection, svc.timeline):
+                problems.append("this API's policy timeline differs from the last one the writer recorded in the "
+                                "ledger: give every service the same CONSENT_LEDGER_POLICY_FILE")
         lag = max(0, head - folded)
         metrics.STATE_LAG.set(lag)
         if lag > settings.readiness_max_lag:
