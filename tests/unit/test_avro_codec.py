@@ -213,6 +213,8 @@ def test_wrong_marker_is_undecodable(event: Event, marker: bytes) -> None:
         (EventType.CONSENT_CHANGED, {"subject_id": ""}, "subject_id"),
         (EventType.CONSENT_CHANGED, {"subject_id": "x" * 129}, "subject_id"),
         (EventType.CONSENT_CHANGED, {"subject_id": "tab\there"}, "subject_id"),
+        # Invisible characters would let two ids look alike.
+        (EventType.CONSENT_CHANGED, {"subject_id": "user\u200d1"}, "subject_id"),
         (EventType.CONSENT_CHANGED, {"producer": ""}, "producer"),
         (EventType.CONSENT_CHANGED, {"event_id": "not-a-uuid"}, "event_id"),
         (EventType.CONSENT_CHANGED, {"event_type": "account.deleted"}, "event_type"),
@@ -221,7 +223,7 @@ def test_wrong_marker_is_undecodable(event: Event, marker: bytes) -> None:
         (EventType.SAFETY_CLEARED, {"body": {"conversation_id": "c" * 257, "flag_id": "f"}},
          "conversation_id"),
     ],
-    ids=["empty-subject", "long-subject", "control-char", "empty-producer", "bad-uuid", "other-type",
+    ids=["empty-subject", "long-subject", "control-char", "zero-width-joiner", "empty-producer", "bad-uuid", "other-type",
          "unknown-type", "empty-body-text", "long-body-text"],
 )
 def test_field_rules_apply_after_decoding(event_type: EventType, change: dict[str, Any], field: str) -> None:

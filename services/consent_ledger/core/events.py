@@ -146,7 +146,14 @@ def _text(obj: Mapping[str, Any], name: str, *, max_length: int = MAX_TEXT_LENGT
             RejectReason.INVALID_FIELD, f"field {name!r} must have 1 to {max_length} characters", name
         )
     if not value.isprintable():
-        raise InvalidEvent(RejectReason.INVALID_FIELD, f"field {name!r} has control characters", name)
+        # Invisible characters in ids (zero-width joiners, non-breaking spaces) would let two ids look alike.
+        bad = next(c for c in value if not c.isprintable())
+        raise InvalidEvent(
+            RejectReason.INVALID_FIELD,
+            f"field {name!r} has a character that is not printable (U+{ord(bad):04X}): only printable characters "
+            "and the plain space are allowed",
+            name,
+        )
     return value
 
 
