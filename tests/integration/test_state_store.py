@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import orjson
 import pytest
 from ledger_support import wait_until
 from prometheus_client import REGISTRY
@@ -20,8 +21,10 @@ from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.adapters.postgres.state_store import TABLE_OF, plan_writes
 from consent_ledger.apps.stream_processor import SubjectFolder
 from consent_ledger.config import Settings
+from consent_ledger.core.facts import fold_subject
 from consent_ledger.core.increments import fold_increments
 from consent_ledger.core.ledger import EntryContent, LedgerEntry
+from consent_ledger.core.state import current_state
 
 T0 = datetime(2025, 9, 1, tzinfo=UTC)
 ROWS = {
@@ -79,11 +82,13 @@ async def ledger_db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
         await connection.close()
 
 
+@pytest.mark.parametrize("cache", [10_000, 0], ids=["cached", "no-cache"])
 @pytest.mark.parametrize("seed", range(6))
 async def test_any_batching_and_redelivery_gives_the_rows_of_one_fold(
-    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection, seed: int
+    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection, seed: int, cache: int
 ) -> None:
-    folder = SubjectFolder(settings, load_timeline(None))
+    """Without a cache every batch starts from what is stored: each subject's folded history, read again."""
+    folder = SubjectFolder(settings.model_copy(update={"processor_cache_subjects": cache}), load_timeline(None))
     await folder.start()
     try:
         entries = await ledger(ledger_db, "split")
@@ -101,6 +106,7 @@ async def test_any_batching_and_redelivery_gives_the_rows_of_one_fold(
     expected = replayed(entries)
     assert all(expected.values()), expected
     assert await rows(service_db, "split") == expected, f"batches {[len(b) for b in batches]}"
+    assert await stored_current_state(service_db, "split") == folded_current_state(entries)
     progress = await service_db.fetchval("SELECT watermark_seq FROM processor_progress WHERE partition = 0")
     assert progress == entries[-1].seq
 
@@ -122,6 +128,39 @@ async def test_entries_lost_by_the_feed_are_folded_from_the_ledger(
     finally:
         await folder.stop()
     assert await rows(service_db, "lossy") == replayed(lossy), [e.seq for e in delivered]
+
+
+async def stored_current_state(connection: asyncpg.Connection, subject: str) -> object:
+    return orjson.loads(await connection.fetchval("SELECT state FROM subject_current_state WHERE subject_id = $1",
+                                                  subject))
+
+
+def folded_current_state(entries: list[LedgerEntry]) -> object:
+    assert entries[0].subject_id is not None
+    return orjson.loads(orjson.dumps(current_state(fold_subject(entries[0].subject_id, entries, load_timeline(None)))))
+
+
+async def test_a_subject_folded_twice_in_one_transaction_continues_from_its_own_rows(
+    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection
+) -> None:
+    """A tick promising more of a subject folded earlier in the same transaction, with nothing cached: the second
+    round continues from what the first folded (not committed yet), and rows and current state equal one fold."""
+    entries = await ledger(ledger_db, "twice")
+    folder = SubjectFolder(settings.model_copy(update={"processor_cache_subjects": 0}), load_timeline(None))
+    await folder.start()
+    try:
+        first = [Announcement(e.subject_id, e.seq) for e in entries[:2]]
+        await folder.fold_batch([(0, m) for m in announcement_messages(first)])
+        # The consent changes and the resume are announced; the flag after them only promised by the tick.
+        assert [e.event_type for e in entries[2:]] == [
+            "consent.changed", "consent.changed", "conversation.resumed", "safety.flagged"]
+        second = [Announcement(e.subject_id, e.seq) for e in entries[2:5]]
+        await folder.fold_batch([(0, m) for m in announcement_messages(second)] + [
+            (0, tick_message(entries[-1].seq, 1))])
+    finally:
+        await folder.stop()
+    assert await rows(service_db, "twice") == replayed(entries)
+    assert await stored_current_state(service_db, "twice") == folded_current_state(entries)
 
 
 def ticks_recorded(checked_by: str) -> float:

@@ -223,8 +223,8 @@ def test_wrong_marker_is_undecodable(event: Event, marker: bytes) -> None:
         (EventType.SAFETY_CLEARED, {"body": {"conversation_id": "c" * 257, "flag_id": "f"}},
          "conversation_id"),
     ],
-    ids=["empty-subject", "long-subject", "control-char", "zero-width-joiner", "empty-producer", "bad-uuid", "other-type",
-         "unknown-type", "empty-body-text", "long-body-text"],
+    ids=["empty-subject", "long-subject", "control-char", "zero-width-joiner", "empty-producer", "bad-uuid",
+         "other-type", "unknown-type", "empty-body-text", "long-body-text"],
 )
 def test_field_rules_apply_after_decoding(event_type: EventType, change: dict[str, Any], field: str) -> None:
     version = CATALOGUE.latest(event_type)
