@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -11,7 +13,7 @@ import asyncpg
 import pytest
 from e2e_history import EXPECTED, LATE, history
 
-from consent_ledger.adapters.policy_files import load_timeline
+from consent_ledger.adapters.policy_files import DEFAULT_TIMELINE, load_timeline
 from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import entry_from_row
 from consent_ledger.core.eligibility import decide_from_entries
@@ -164,3 +166,36 @@ async def test_malformed_questions_get_422_with_a_clear_message(api: Any, params
     response = await api.get("/v1/eligibility", **params)
     assert response.status_code == 422
     assert message in response.text
+
+
+async def test_the_cli_answers_as_the_api_does_and_says_what_to_do_when_it_cannot(system: Any, tmp_path: Any) -> None:
+    events = history()
+    assert system.cli("publish", "-", stdin=jsonl(events)).returncode == 0
+    await system.wait_folded(len(events) + 1)
+    known_at = (await system.get("/v1/ledger/head")).json()["recorded_at"]
+    for (subject, conversation, at), (eligible, code) in EXPECTED.items():
+        question = ("--subject", subject, "--conversation", conversation, "--at", at, "--known-at", known_at)
+        asked = system.cli("eligibility", *question, "--json")
+        assert asked.returncode == 0, asked.stderr
+        over_http = await system.get("/v1/eligibility", subject_id=subject, conversation_id=conversation, at=at,
+                                     known_at=known_at)
+        assert json.loads(asked.stdout) == over_http.json()
+        readable = system.cli("eligibility", *question).stdout
+        assert readable.startswith("ELIGIBLE" if eligible else "NOT ELIGIBLE"), readable
+        assert code in readable, readable
+
+    # Asked under another policy timeline than the one the state was folded under: refused, with what to do.
+    document = json.loads(DEFAULT_TIMELINE.read_text())
+    document["periods"].insert(1, {"policy_version": "v3-test", "from": "2025-07-01T00:00:00.000000Z",
+                                   "default_consent_on": True})
+    (tmp_path / "timeline.json").write_text(json.dumps(document))
+    refused = subprocess.run(
+        [sys.executable, "-m", "consent_ledger", "eligibility", "--subject", "alice", "--conversation", "a1",
+         "--at", "2025-07-15T00:00:00Z"],
+        env={**system.env, "CONSENT_LEDGER_POLICY_FILE": str(tmp_path / "timeline.json")},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert refused.returncode == 3, refused.stderr
+    assert "folded under 'v1-opt-in'" in refused.stderr
+    assert "CONSENT_LEDGER_POLICY_FILE" in refused.stderr
+    assert "Traceback" not in refused.stderr
