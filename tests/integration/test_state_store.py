@@ -19,6 +19,7 @@ from consent_ledger.adapters.policy_files import load_timeline
 from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.adapters.postgres.state_store import TABLE_OF, plan_writes
+from consent_ledger.apps import stream_processor
 from consent_ledger.apps.stream_processor import SubjectFolder
 from consent_ledger.config import Settings
 from consent_ledger.core.facts import fold_subject
@@ -161,6 +162,30 @@ async def test_a_subject_folded_twice_in_one_transaction_continues_from_its_own_
         await folder.stop()
     assert await rows(service_db, "twice") == replayed(entries)
     assert await stored_current_state(service_db, "twice") == folded_current_state(entries)
+
+
+async def test_a_tick_promising_many_subjects_is_folded_a_share_per_transaction(
+    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A partition with no progress recorded (a rebuild): its first tick promises every subject. They are folded
+    a share per transaction, not all histories at once, and the tick is recorded when nothing is left behind."""
+    monkeypatch.setattr(stream_processor, "PROMISED_PER_TRANSACTION", 4)
+    subjects = [f"many-{i:02d}" for i in range(10)]
+    entries = {subject: await ledger(ledger_db, subject) for subject in subjects}
+    head = max(e.seq for mine in entries.values() for e in mine)
+    folder = SubjectFolder(settings, load_timeline(None))
+    await folder.start()
+    try:
+        await folder.fold_batch([(0, tick_message(head, 1))])
+    finally:
+        await folder.stop()
+    for subject in subjects:
+        assert await rows(service_db, subject) == replayed(entries[subject]), subject
+    # Each transaction leaves its id on the fold-state rows it wrote: 4 + 4 + 2 subjects.
+    assert await service_db.fetchval(
+        "SELECT count(DISTINCT xmin::text) FROM subject_fold_state WHERE subject_id LIKE 'many-%'") == 3
+    assert await service_db.fetchval("SELECT watermark_seq FROM processor_progress WHERE partition = 0") == head
 
 
 def ticks_recorded(checked_by: str) -> float:

@@ -53,6 +53,9 @@ CRASH_EXIT_SECONDS = 30.0
 # all, after a pause growing by this much, before the worker gives up and restarts.
 FOLD_ATTEMPTS = 5
 FOLD_RETRY_SECONDS = 0.1
+# Most subjects a transaction folds for what ticks promise beyond the announced entries. Normally a handful; after
+# a partition's progress was lost or reset, all its subjects, whose histories would otherwise be held at once.
+PROMISED_PER_TRANSACTION = 5_000
 
 
 class HistoryCache:
@@ -111,7 +114,7 @@ class SubjectFolder:
     async def fold_batch(
         self, messages: Sequence[tuple[int, bytes]], offsets: Sequence[int] | None = None
     ) -> dict[str, SubjectFacts]:
-        """Apply (partition, message) pairs in one transaction; returns the new facts of touched subjects.
+        """Apply (partition, message) pairs, normally in one transaction; returns the new facts of touched subjects.
 
         The feed says which subjects have new entries and how far; the entries themselves are read from the
         ledger, so a feed message lost in transit (faust can drop some while it recovers a partition) leaves
@@ -130,20 +133,20 @@ class SubjectFolder:
         # A tick ending an unbroken run from the last tick that held promises only what the run announced, and
         # the run is folded in this batch or was in earlier ones: the ledger scan would find nothing behind.
         trusted = {p for p, (first, _) in runs.items() if self._unbroken.get(p) == first - 1}
-        for attempt in range(1, FOLD_ATTEMPTS + 1):
-            try:
-                touched, folded = await self._fold_once(pool, announced, ticks, trusted)
+        touched: dict[str, SubjectFacts] = {}
+        folded = 0
+        # Normally one transaction. When the ticks promise more subjects than one should hold (a partition's
+        # whole history after its progress was lost or reset: a rebuild), the first folds the announced entries
+        # and a share of them, the next ones a share each, and a last one checks the ticks again and records them.
+        pending: dict[str, int] = announced
+        left: dict[str, int] | None = None
+        while True:
+            part, count, done, left = await self._fold_transaction(pool, pending, ticks, trusted, left)
+            touched.update(part)
+            folded += count
+            if done:
                 break
-            except asyncpg.TransactionRollbackError as error:
-                # A deadlock (two workers folding one partition during a rebalance lock its subjects in two
-                # rounds each) or a serialization failure: PostgreSQL rolled the transaction back, so the batch
-                # is folded again from what is committed. What the attempt cached is keyed by the seq it folded up
-                # to, and a subject's entries up to a seq always fold to the same facts.
-                if attempt == FOLD_ATTEMPTS:
-                    raise
-                metrics.FOLD_RETRIES.labels(error.sqlstate).inc()
-                log.warning("fold transaction rolled back (%s: %s); folding the batch again", error.sqlstate, error)
-                await asyncio.sleep(FOLD_RETRY_SECONDS * attempt)
+            pending = {}
         # Committed: each partition's run now continues from a tick that held, or is broken (or unknown) and
         # its next tick is checked against the ledger again.
         for partition in {p for p, _ in messages}:
@@ -159,21 +162,53 @@ class SubjectFolder:
         metrics.FOLD_LATENCY.observe(time.perf_counter() - started)
         return touched
 
+    async def _fold_transaction(
+        self, pool: asyncpg.Pool, announced: dict[str, int], ticks: dict[int, WatermarkTick], trusted: set[int],
+        promised: dict[str, int] | None,
+    ) -> tuple[dict[str, SubjectFacts], int, bool, dict[str, int] | None]:
+        """`_fold_once`, folded again when PostgreSQL rolls its transaction back."""
+        for attempt in range(1, FOLD_ATTEMPTS + 1):
+            try:
+                return await self._fold_once(pool, announced, ticks, trusted, promised)
+            except asyncpg.TransactionRollbackError as error:
+                # A deadlock (two workers folding one partition during a rebalance lock its subjects in two
+                # rounds each) or a serialization failure: PostgreSQL rolled the transaction back, so the batch
+                # is folded again from what is committed. What the attempt cached is keyed by the seq it folded up
+                # to, and a subject's entries up to a seq always fold to the same facts.
+                if attempt == FOLD_ATTEMPTS:
+                    raise
+                metrics.FOLD_RETRIES.labels(error.sqlstate).inc()
+                log.warning("fold transaction rolled back (%s: %s); folding the batch again", error.sqlstate, error)
+                await asyncio.sleep(FOLD_RETRY_SECONDS * attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def _fold_once(
-        self, pool: asyncpg.Pool, announced: dict[str, int], ticks: dict[int, WatermarkTick], trusted: set[int]
-    ) -> tuple[dict[str, SubjectFacts], int]:
-        """One transaction folding the batch: the touched subjects' facts, and how many entries were folded."""
+        self, pool: asyncpg.Pool, announced: dict[str, int], ticks: dict[int, WatermarkTick], trusted: set[int],
+        promised: dict[str, int] | None,
+    ) -> tuple[dict[str, SubjectFacts], int, bool, dict[str, int] | None]:
+        """One transaction: the announced entries, then up to PROMISED_PER_TRANSACTION subjects of what the ticks
+        promise (checked against the ledger here when `promised` is None, else the rest of an earlier check).
+
+        Returns the touched subjects' facts, how many entries were folded, whether the ticks were recorded, and
+        what is left of the promise (None: check the ticks again).
+        """
         touched: dict[str, SubjectFacts] = {}
         async with pool.acquire() as connection, connection.transaction():
             folded = await self._fold_subjects(connection, announced, touched)
-            # What the ticks promise, once the announced entries are folded: normally nothing is left behind.
-            promised = await self._behind_ticks(connection, {p: t for p, t in ticks.items() if p not in trusted})
-            if promised:
-                folded += await self._fold_subjects(connection, promised, touched)
-            await state_store.save_progress(
-                connection, self.settings.processor_group_id, {p: t.seq for p, t in ticks.items()}
-            )
-        return touched, folded
+            checked = promised is None
+            if promised is None:
+                # What the ticks promise, once the announced entries are folded: normally nothing is left behind.
+                promised = await self._behind_ticks(connection, {p: t for p, t in ticks.items() if p not in trusted})
+            share = dict(sorted(promised.items())[:PROMISED_PER_TRANSACTION])
+            if share:
+                folded += await self._fold_subjects(connection, share, touched)
+            left = {s: upto for s, upto in promised.items() if s not in share}
+            if checked and not left:
+                await state_store.save_progress(
+                    connection, self.settings.processor_group_id, {p: t.seq for p, t in ticks.items()}
+                )
+                return touched, folded, True, None
+        return touched, folded, False, left or None
 
     async def _fold_subjects(
         self, connection: asyncpg.Connection, announced: dict[str, int], touched: dict[str, SubjectFacts]
