@@ -174,7 +174,7 @@ def eligibility(
     """Was this conversation eligible for training at `at`, as known at `known_at`, and why."""
     from consent_ledger.apps.audit_api.queries import ask_one
     from consent_ledger.apps.audit_api.render import render_decision
-    from consent_ledger.apps.audit_api.service import StateBehind
+    from consent_ledger.apps.audit_api.service import SAME_POLICY_FILE, StateBehind
     from consent_ledger.core.eligibility import FoldedUnderAnotherPolicy
 
     settings = load_settings()
@@ -186,9 +186,7 @@ def eligibility(
         typer.secho(str(error), fg="red", err=True)
         raise typer.Exit(3) from None
     except FoldedUnderAnotherPolicy as error:
-        typer.secho(f"{error}: give the stream processors and this command the same CONSENT_LEDGER_POLICY_FILE; "
-                    "after a change of policy, rebuild the state (deploy/OPERATIONS.md, Changing the policy "
-                    "timeline)", fg="red", err=True)
+        typer.secho(f"{error}: {SAME_POLICY_FILE}", fg="red", err=True)
         raise typer.Exit(3) from None
     typer.echo(json.dumps(answer, indent=2) if as_json else render_decision(answer))
 

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from system_support import RunningSystem, Workers, audit_client
+from system_support import RunningSystem, Workers
 
+from audit_client import audit_client
 from consent_ledger.apps.stack import settings_env
 from consent_ledger.apps.writer_service import run_writer_service
 from consent_ledger.config import Settings

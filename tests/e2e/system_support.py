@@ -1,4 +1,4 @@
-"""Shared by the end-to-end tests: the audit API client, stream-processor workers, and waits and checks on them."""
+"""Shared by the end-to-end tests: stream-processor workers, the running system, and waits and checks on them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,6 @@ import httpx
 
 from consent_ledger.adapters.embedded import free_port
 from consent_ledger.adapters.postgres.state_store import folded_watermark
-from consent_ledger.apps.audit_api.app import create_app
 from consent_ledger.apps.publishing import FileReport
 from consent_ledger.apps.stack import settings_env
 from consent_ledger.config import Settings
@@ -74,17 +73,6 @@ class RunningSystem:
             text=True,
             timeout=120,
         )
-
-
-@contextlib.asynccontextmanager
-async def audit_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The audit API in-process, over ASGI: its lifespan (pool, service) runs for as long as the client."""
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit.test") as client,
-    ):
-        yield client
 
 
 @dataclass

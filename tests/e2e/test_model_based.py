@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, Phase, note
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
-from system_support import SESSION_TIMEOUT, TOKENS, Ledger, Workers, audit_client
+from system_support import SESSION_TIMEOUT, TOKENS, Ledger, Workers
 
+from audit_client import audit_client
 from consent_ledger.adapters.kafka.admin import ensure_topics
 from consent_ledger.adapters.kafka.producer import EventProducer
 from consent_ledger.adapters.policy_files import load_timeline

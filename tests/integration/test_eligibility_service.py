@@ -9,15 +9,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
-import httpx
 import pytest
 
+from audit_client import audit_client
 from consent_ledger.adapters.kafka.ledger_feed import Announcement, announcement_messages, tick_message
 from consent_ledger.adapters.policy_files import DEFAULT_TIMELINE, load_timeline
 from consent_ledger.adapters.postgres.connection import connect, create_pool
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.adapters.postgres.state_store import Cited, DecisionInputs, merged_inputs
-from consent_ledger.apps.audit_api.app import create_app
 from consent_ledger.apps.audit_api.service import PARALLEL_ITEMS, EligibilityService, Question
 from consent_ledger.apps.bench import history
 from consent_ledger.apps.policy_record import record_policy_if_changed
@@ -149,11 +148,7 @@ async def test_a_new_policy_timeline_is_refused_until_the_state_is_rebuilt_then_
     asked = sorted({(e.subject_id, e.body["conversation_id"])
                     for e in folded if e.subject_id and "conversation_id" in e.body})
     question = {"subject_id": asked[0][0], "conversation_id": asked[0][1], "at": at.isoformat()}
-    app = create_app(settings.model_copy(update={"policy_file": policy_file, "topic_partitions": 1}))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit.test") as client,
-    ):
+    async with audit_client(settings.model_copy(update={"policy_file": policy_file, "topic_partitions": 1})) as client:
         refused = await client.get("/v1/eligibility", params=question, headers=AUDITOR)
         assert refused.status_code == 503, refused.text
         # Folded under the default timeline, in which v1-opt-in is in force until 2025-09-28.

@@ -166,8 +166,9 @@ class SubjectFolder:
         self, pool: asyncpg.Pool, announced: dict[str, int], ticks: dict[int, WatermarkTick], trusted: set[int],
         promised: dict[str, int] | None,
     ) -> tuple[dict[str, SubjectFacts], int, bool, dict[str, int] | None]:
-        """`_fold_once`, folded again when PostgreSQL rolls its transaction back."""
-        for attempt in range(1, FOLD_ATTEMPTS + 1):
+        """`_fold_once`, folded again when PostgreSQL rolls its transaction back (the last attempt's error stops
+        the worker)."""
+        for attempt in range(1, FOLD_ATTEMPTS):
             try:
                 return await self._fold_once(pool, announced, ticks, trusted, promised)
             except asyncpg.TransactionRollbackError as error:
@@ -175,12 +176,10 @@ class SubjectFolder:
                 # rounds each) or a serialization failure: PostgreSQL rolled the transaction back, so the batch
                 # is folded again from what is committed. What the attempt cached is keyed by the seq it folded up
                 # to, and a subject's entries up to a seq always fold to the same facts.
-                if attempt == FOLD_ATTEMPTS:
-                    raise
                 metrics.FOLD_RETRIES.labels(error.sqlstate).inc()
                 log.warning("fold transaction rolled back (%s: %s); folding the batch again", error.sqlstate, error)
                 await asyncio.sleep(FOLD_RETRY_SECONDS * attempt)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        return await self._fold_once(pool, announced, ticks, trusted, promised)
 
     async def _fold_once(
         self, pool: asyncpg.Pool, announced: dict[str, int], ticks: dict[int, WatermarkTick], trusted: set[int],

@@ -29,6 +29,7 @@ from consent_ledger.adapters.postgres.migrations import pending_migrations
 from consent_ledger.adapters.postgres.queries import query
 from consent_ledger.adapters.postgres.state_store import consent_timeline
 from consent_ledger.apps.audit_api.service import (
+    SAME_POLICY_FILE,
     EligibilityService,
     NotFound,
     Question,
@@ -200,9 +201,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def folded_under_another_policy(_request: Request, error: FoldedUnderAnotherPolicy) -> JSONResponse:
         # Not the question's fault and not transient: the services were given different policy files.
         return JSONResponse({
-            "detail": f"{error}: the stream processors and this API were started with different policy timelines. "
-                      "Give every service the same CONSENT_LEDGER_POLICY_FILE; after a change of policy, rebuild the "
-                      "state tables (deploy/OPERATIONS.md, Changing the policy timeline)",
+            "detail": f"{error}: {SAME_POLICY_FILE}",
             "folded_policy_version": error.folded_version, "policy_version": error.policy_version,
         }, status_code=503)
 
@@ -336,7 +335,7 @@ def create_app(settings: Settings) -> FastAPI:
             folded = await svc.folded(connection)
             if await differs_from_recorded(connection, svc.timeline):
                 problems.append("this API's policy timeline differs from the last one the writer recorded in the "
-                                "ledger: give every service the same CONSENT_LEDGER_POLICY_FILE")
+                                f"ledger: {SAME_POLICY_FILE}")
         lag = max(0, head - folded)
         metrics.STATE_LAG.set(lag)
         if lag > settings.readiness_max_lag:

@@ -30,6 +30,13 @@ both on two cores. Lab, 1,000 items, in-process, three alternating runs: p50 131
 against 27.4-28.1."""
 
 
+SAME_POLICY_FILE = (
+    "give every service the same CONSENT_LEDGER_POLICY_FILE; after a change of policy, rebuild the state tables "
+    "(deploy/OPERATIONS.md, Changing the policy timeline)"
+)
+"""What to do when the state was folded under another policy timeline than the one asking (API, CLI, /readyz)."""
+
+
 class StateBehind(RuntimeError):
     """The state tables have not folded everything the question may see yet."""
 
