@@ -111,6 +111,7 @@ async def test_late_event_changes_known_answer_and_shows_in_receipt_audit(system
 
     audit = (await system.get(f"/v1/decisions/{recorded['decision_id']}/audit")).json()
     assert audit["reproduced"] is True, audit["mismatches"]
+    assert audit["policy_timeline_id"] == audit["hindsight_policy_timeline_id"] == "default-2025-09-28"
     [changed] = audit["changed_in_hindsight"]
     assert changed["subject_id"] == subject
     assert changed["hindsight"]["reasons"] == ["opted_out"]

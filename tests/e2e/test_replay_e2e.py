@@ -47,7 +47,8 @@ async def test_replay_of_a_clean_ledger_finds_nothing(system: Any, tmp_path: Pat
     assert report["state"]["differences"] == 0
     assert all(t["rebuilt_rows"] > 0 for t in report["state"]["tables"].values())
     assert report["receipts"] == {"receipts_checked": 1, "not_reproduced": 0, "mismatches": [],
-                                  "items_changed_in_hindsight": 1}
+                                  "items_changed_in_hindsight": 1,
+                                  "reproduced_under": {load_timeline(None).timeline_id: 1}}
     print(output)
 
 

@@ -17,9 +17,10 @@ from consent_ledger.adapters.policy_files import DEFAULT_TIMELINE, load_timeline
 from consent_ledger.adapters.postgres.connection import connect, create_pool
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.adapters.postgres.state_store import Cited, DecisionInputs, merged_inputs
-from consent_ledger.apps.audit_api.service import PARALLEL_ITEMS, EligibilityService, Question
+from consent_ledger.apps.audit_api.service import PARALLEL_ITEMS, EligibilityService, Question, receipt_view
 from consent_ledger.apps.bench import history
 from consent_ledger.apps.policy_record import record_policy_if_changed
+from consent_ledger.apps.replay import reaudit_receipts
 from consent_ledger.apps.stream_processor import SubjectFolder
 from consent_ledger.config import Settings
 from consent_ledger.core.eligibility import decide_from_entries
@@ -117,12 +118,14 @@ def test_parts_that_saw_different_ledgers_are_refused() -> None:
         merged_inputs([DecisionInputs(5, 5, {}, empty), DecisionInputs(6, 6, {}, empty)])
 
 
-async def test_a_new_policy_timeline_is_refused_until_the_state_is_rebuilt_then_answered(
+async def test_a_new_policy_timeline_is_refused_until_the_state_is_rebuilt_and_old_receipts_still_reproduce(
     settings: Settings, folded: list[LedgerEntry], admin_db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     """deploy/OPERATIONS.md, "Changing the policy timeline", step by step: until the state tables are rebuilt, the
     API refuses (503 naming both versions) and is not ready; the writer's recorded policy then ticks every
-    partition, the processors fold every subject again under it, and the answers are the new policy's."""
+    partition, the processors fold every subject again under it, and the answers are the new policy's. A receipt
+    made before the change is still reproduced exactly, under the timeline it was made under, by the API's audit
+    and by the replay; hindsight, under the new one, lists the items the change decides otherwise."""
     document = json.loads(DEFAULT_TIMELINE.read_text())
     document["timeline_id"] = "with-v3"
     document["periods"].insert(1, {"policy_version": "v3-test", "from": "2025-07-15T00:00:00.000000Z",
@@ -148,6 +151,26 @@ async def test_a_new_policy_timeline_is_refused_until_the_state_is_rebuilt_then_
     asked = sorted({(e.subject_id, e.body["conversation_id"])
                     for e in folded if e.subject_id and "conversation_id" in e.body})
     question = {"subject_id": asked[0][0], "conversation_id": asked[0][1], "at": at.isoformat()}
+    by_subject: dict[str, list[LedgerEntry]] = defaultdict(list)
+    for entry in folded:
+        if entry.subject_id:
+            by_subject[entry.subject_id].append(entry)
+
+    # A receipt made now under the default timeline, of items the new one decides otherwise now, and others.
+    def decided(subject: str, conversation: str, timeline: PolicyTimeline) -> dict[str, object]:
+        return receipt_view(decide_from_entries(by_subject[subject], subject, conversation, now, now, timeline))
+
+    now = datetime.now(UTC)
+    differ = [q for q in asked if decided(*q, load_timeline(None)) != decided(*q, new)]
+    assert differ  # else the receipt could not tell the two timelines apart
+    same = [q for q in asked if q not in differ]
+    receipt_items = [*differ[:20], *same[:10]]
+    async with audit_client(settings.model_copy(update={"topic_partitions": 1})) as old_api:
+        made = await old_api.post("/v1/decisions", headers={"Authorization": "Bearer pipeline-token"}, json={
+            "items": [{"subject_id": s, "conversation_id": c} for s, c in receipt_items]})
+    assert made.status_code == 200, made.text
+    await processors_see_tick(load_timeline(None), made.json()["seq"])  # the tick after the receipt's entry
+
     async with audit_client(settings.model_copy(update={"policy_file": policy_file, "topic_partitions": 1})) as client:
         refused = await client.get("/v1/eligibility", params=question, headers=AUDITOR)
         assert refused.status_code == 503, refused.text
@@ -162,10 +185,6 @@ async def test_a_new_policy_timeline_is_refused_until_the_state_is_rebuilt_then_
         await processors_see_tick(new, seq)
 
         assert (await client.get("/readyz")).json()["problems"] == []
-        by_subject: dict[str, list[LedgerEntry]] = defaultdict(list)
-        for entry in folded:
-            if entry.subject_id:
-                by_subject[entry.subject_id].append(entry)
         items = [{"subject_id": subject, "conversation_id": conversation} for subject, conversation in asked]
         answered = await client.post("/v1/eligibility/batch", json={"at": at.isoformat(), "items": items},
                                      headers=AUDITOR)
@@ -181,3 +200,21 @@ async def test_a_new_policy_timeline_is_refused_until_the_state_is_rebuilt_then_
                 expected.eligible, list(expected.reasons), "v3-test"), answer
             changed += (expected.eligible, expected.reasons) != (before.eligible, before.reasons)
         assert changed > 0  # the new default decides some answers: a comparison that can fail
+
+        audit = await client.get(f"/v1/decisions/{made.json()['decision_id']}/audit", headers=AUDITOR)
+        assert audit.status_code == 200, audit.text
+        report = audit.json()
+        assert (report["reproduced"], report["mismatches"]) == (True, [])
+        assert (report["policy_timeline_id"], report["hindsight_policy_timeline_id"]) == (
+            load_timeline(None).timeline_id, "with-v3")
+        assert {(c["subject_id"], c["conversation_id"]) for c in report["changed_in_hindsight"]} == set(
+            receipt_items[:len(differ[:20])])
+
+    connection = await connect(settings.database_url)
+    try:
+        reaudit = await reaudit_receipts(connection, None, new, None, None)
+    finally:
+        await connection.close()
+    assert (reaudit["receipts_checked"], reaudit["not_reproduced"]) == (1, 0), reaudit["mismatches"]
+    assert reaudit["reproduced_under"] == {load_timeline(None).timeline_id: 1}
+    assert reaudit["items_changed_in_hindsight"] == len(differ[:20])

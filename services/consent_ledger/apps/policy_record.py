@@ -12,7 +12,7 @@ from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.adapters.postgres.queries import query
 from consent_ledger.core.ledger import POLICY_PUBLISHED, EntryContent, canonical_json
-from consent_ledger.core.policy import PolicyTimeline, timeline_to_json
+from consent_ledger.core.policy import PolicyTimeline, timeline_from_json, timeline_to_json
 
 log = logging.getLogger("consent_ledger.policy")
 PRODUCER = "consent-ledger/ledger-writer"
@@ -45,3 +45,10 @@ async def differs_from_recorded(connection: asyncpg.Connection, timeline: Policy
     """Whether the last `policy.published` entry holds another timeline (False while none is recorded)."""
     latest = await connection.fetchval(query("ledger", "latest_policy"))
     return latest is not None and canonical_json(latest) != canonical_json(timeline_to_json(timeline))
+
+
+async def timeline_before(connection: asyncpg.Connection, seq: int) -> PolicyTimeline | None:
+    """The timeline recorded last before the entry at `seq`: the one in force when it was appended (a decision
+    receipt's answers were given under it). None when no timeline was recorded before it."""
+    document = await connection.fetchval(query("ledger", "policy_before"), seq)
+    return None if document is None else timeline_from_json(document)

@@ -22,10 +22,12 @@ from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import entry_from_row, stream_entries
 from consent_ledger.adapters.postgres.queries import query
 from consent_ledger.adapters.postgres.state_store import COLUMNS_OF, TABLE_OF, plan_writes
+from consent_ledger.apps.audit_api.service import receipt_view
 from consent_ledger.apps.lifecycle import tune_gc
+from consent_ledger.apps.policy_record import timeline_before
 from consent_ledger.apps.progress import progress_bar
 from consent_ledger.config import Settings
-from consent_ledger.core.eligibility import Decision, decide_eligibility
+from consent_ledger.core.eligibility import Decision, decide_eligibility, decide_from_known
 from consent_ledger.core.events import format_timestamp, parse_timestamp
 from consent_ledger.core.facts import fold_subject
 from consent_ledger.core.increments import fold_increments
@@ -111,7 +113,7 @@ async def run_replay(
         if report.subjects != in_ledger:
             report.state["differences"] += abs(in_ledger - report.subjects)
             report.state["subjects_in_ledger"] = in_ledger
-        report.receipts = await _reaudit_receipts(connection, until, timeline, alternative, what_if)
+        report.receipts = await reaudit_receipts(connection, until, timeline, alternative, what_if)
         report.what_if = what_if
     finally:
         await connection.close()
@@ -455,15 +457,17 @@ def _verdict(decision: Decision) -> str:
     return "eligible" if decision.eligible else decision.reasons[0]
 
 
-async def _reaudit_receipts(
+async def reaudit_receipts(
     connection: asyncpg.Connection, until: datetime | None, timeline: PolicyTimeline,
     alternative: PolicyTimeline | None, what_if: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Re-decide every receipt from the raw ledger (brute force, not the state tables) at its watermark."""
+    """Re-decide every receipt from the raw ledger (brute force, not the state tables) at its watermark, under the
+    policy timeline recorded before it; `reproduced_under` counts the receipts by that timeline."""
     checked = 0
     not_reproduced: list[dict[str, Any]] = []
     hindsight_changes = 0
     what_if_decisions: list[dict[str, Any]] = []
+    under: Counter[str] = Counter()
     last = 0
     while True:
         rows = await connection.fetch(query("ledger", "decision_entries"), last, 500)
@@ -478,6 +482,7 @@ async def _reaudit_receipts(
             outcome = await _reaudit(connection, receipt, until, timeline, alternative)
             not_reproduced.extend(outcome["mismatches"])
             hindsight_changes += outcome["hindsight_changes"]
+            under[outcome["timeline_id"]] += 1
             what_if_decisions.extend(outcome["what_if"])
     if what_if is not None:
         what_if["decision_items_changed"] = len(what_if_decisions)
@@ -487,6 +492,7 @@ async def _reaudit_receipts(
         "not_reproduced": len(not_reproduced),
         "mismatches": not_reproduced[:EXAMPLES],
         "items_changed_in_hindsight": hindsight_changes,
+        "reproduced_under": dict(sorted(under.items())),
     }
 
 
@@ -498,6 +504,8 @@ async def _reaudit(
     at = parse_timestamp(body["at"])
     watermark = int(body["watermark"])
     results: Sequence[dict[str, Any]] = body["results"]
+    # Reproduced under the timeline its answers were given under; hindsight under the one configured now.
+    made_under = await timeline_before(connection, receipt.seq) or timeline
     subjects = sorted({r["subject_id"] for r in results})
     rows = await connection.fetch(
         "SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash "
@@ -511,40 +519,23 @@ async def _reaudit(
         by_subject[entry.subject_id].append(entry)
     mismatches, what_if, hindsight = [], [], 0
     for index, stored in enumerate(results):
-        history = by_subject[stored["subject_id"]]
+        subject, conversation = stored["subject_id"], stored["conversation_id"]
+        history = by_subject[subject]
         then = [e for e in history if e.seq <= watermark]
-        reproduced = _receipt_view(fold_and_decide(stored["subject_id"], then, stored["conversation_id"], at,
-                                                   timeline))
+        reproduced = receipt_view(decide_from_known(then, subject, conversation, at, made_under))
         recorded_view = {k: stored[k] for k in ("eligible", "basis", "reasons", "policy_version", "evidence_seqs")}
         if reproduced != recorded_view:
             mismatches.append({"decision_id": body["decision_id"], "seq": receipt.seq, "index": index,
                                "recorded": recorded_view, "reproduced": reproduced})
-        now = _receipt_view(fold_and_decide(stored["subject_id"], history, stored["conversation_id"], at, timeline))
+        now = receipt_view(decide_from_known(history, subject, conversation, at, timeline))
         hindsight += now != recorded_view
         if alternative is not None:
-            alt = _receipt_view(fold_and_decide(stored["subject_id"], then, stored["conversation_id"], at,
-                                                alternative))
+            alt = receipt_view(decide_from_known(then, subject, conversation, at, alternative))
             if alt["eligible"] != recorded_view["eligible"] or alt["reasons"] != recorded_view["reasons"]:
                 what_if.append({"decision_id": body["decision_id"], "index": index, "recorded": recorded_view,
                                 "what_if": alt})
-    return {"mismatches": mismatches, "hindsight_changes": hindsight, "what_if": what_if}
-
-
-def fold_and_decide(
-    subject_id: str, entries: Sequence[LedgerEntry], conversation_id: str, at: datetime, timeline: PolicyTimeline
-) -> Decision:
-    view = [e for e in entries if e.occurred_at <= at]
-    return decide_eligibility(fold_subject(subject_id, view, timeline), conversation_id, at, timeline)
-
-
-def _receipt_view(decision: Decision) -> dict[str, Any]:
-    return {
-        "eligible": decision.eligible,
-        "basis": list(decision.basis),
-        "reasons": list(decision.reasons),
-        "policy_version": decision.policy_version,
-        "evidence_seqs": list(decision.evidence_seqs),
-    }
+    return {"mismatches": mismatches, "hindsight_changes": hindsight, "what_if": what_if,
+            "timeline_id": made_under.timeline_id}
 
 
 def summary(report: ReplayReport, report_path: Path) -> str:
@@ -573,6 +564,8 @@ def summary(report: ReplayReport, report_path: Path) -> str:
     lines.append(f"  receipts: {receipts.get('receipts_checked', 0)} re-audited, "
                  f"{receipts.get('not_reproduced', 0)} not reproduced, "
                  f"{receipts.get('items_changed_in_hindsight', 0)} items changed in hindsight")
+    for timeline_id, count in receipts.get("reproduced_under", {}).items():
+        lines.append(f"    {count:>8}  reproduced under policy timeline {timeline_id}")
     for mismatch in receipts.get("mismatches", [])[:3]:
         lines.append(f"    NOT REPRODUCED: decision {mismatch['decision_id']} item {mismatch['index']}")
     if report.what_if is not None:

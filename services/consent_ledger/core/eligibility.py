@@ -165,5 +165,14 @@ def decide_from_entries(
     timeline: PolicyTimeline,
 ) -> Decision:
     """The reference answer: fold exactly the SPEC's view of the ledger, then decide."""
-    view = [e for e in entries if e.occurred_at <= at and e.recorded_at <= known_at]
+    return decide_from_known(
+        [e for e in entries if e.recorded_at <= known_at], subject_id, conversation_id, at, timeline
+    )
+
+
+def decide_from_known(
+    known: Iterable[LedgerEntry], subject_id: str, conversation_id: str, at: datetime, timeline: PolicyTimeline
+) -> Decision:
+    """The answer from a subject's entries already cut to what was known (say, up to a receipt's watermark)."""
+    view = [e for e in known if e.occurred_at <= at]
     return decide_eligibility(fold_subject(subject_id, view, timeline), conversation_id, at, timeline)

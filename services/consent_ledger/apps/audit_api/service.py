@@ -16,7 +16,8 @@ import asyncpg
 from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append, entry_from_row, read_head
 from consent_ledger.adapters.postgres.queries import query
-from consent_ledger.core.eligibility import Decision, decide_eligibility
+from consent_ledger.apps.policy_record import timeline_before
+from consent_ledger.core.eligibility import Decision, decide_eligibility, decide_from_known
 from consent_ledger.core.events import format_timestamp, parse_timestamp
 from consent_ledger.core.ledger import DECISION_RECORDED, EntryContent, LedgerEntry
 from consent_ledger.core.policy import PolicyTimeline
@@ -230,11 +231,13 @@ class EligibilityService:
         questions = [Question(r["subject_id"], r["conversation_id"]) for r in stored]
         at = parse_timestamp(body["at"])
         watermark = int(body["watermark"])
-        reproduced = await self.decide(questions, at, None, watermark=watermark) if questions else []
+        async with self.pool.acquire() as connection:
+            made_under = await timeline_before(connection, receipt.seq) or self.timeline
+        reproduced = await self._reproduce(questions, at, watermark, made_under) if questions else []
         mismatches = [
-            {"index": i, "recorded": s, "reproduced": _receipt_result(r)}
+            {"index": i, "recorded": s, "reproduced": r}
             for i, (s, r) in enumerate(zip(stored, reproduced, strict=True))
-            if _receipt_result(r) != s
+            if r != s
         ]
         hindsight = await self.decide(questions, at, None) if questions else []
         changed = []
@@ -255,10 +258,31 @@ class EligibilityService:
             "at": body["at"],
             "watermark": watermark,
             "reproduced": not mismatches,
+            "policy_timeline_id": made_under.timeline_id,
             "mismatches": mismatches,
+            "hindsight_policy_timeline_id": self.timeline.timeline_id,
             "hindsight_watermark": hindsight[0]["ledger_watermark"] if hindsight else watermark,
             "changed_in_hindsight": changed,
         }
+
+    async def _reproduce(
+        self, questions: Sequence[Question], at: datetime, watermark: int, timeline: PolicyTimeline
+    ) -> list[dict[str, Any]]:
+        """A receipt's results from the knowledge at its watermark, under the timeline it was made under: from the
+        state tables when that is this service's, else folded from the receipt's subjects' ledger entries (the
+        state tables hold only the intervals of the timeline they were folded under)."""
+        if timeline == self.timeline:
+            return [_receipt_result(a) for a in await self.decide(questions, at, None, watermark=watermark)]
+        subjects = sorted({q.subject_id for q in questions})
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(query("state", "subjects_history"), subjects, watermark)
+        known: dict[str, list[LedgerEntry]] = {subject: [] for subject in subjects}
+        for row in rows:
+            known[row["subject_id"]].append(entry_from_row(row))
+        return [
+            _decision_result(q, decide_from_known(known[q.subject_id], q.subject_id, q.conversation_id, at, timeline))
+            for q in questions
+        ]
 
     async def _late_entries(
         self, questions: Sequence[Question], watermark: int, at: datetime
@@ -292,6 +316,21 @@ def _split_by_subject(items: Sequence[tuple[str, str]], parts: int) -> list[list
     for item in items:
         split[part_of[item[0]]].append(item)
     return split
+
+
+def receipt_view(decision: Decision) -> dict[str, Any]:
+    """What a receipt keeps of a decision, beside its question: enough to reproduce it and compare."""
+    return {
+        "eligible": decision.eligible,
+        "basis": list(decision.basis),
+        "reasons": list(decision.reasons),
+        "policy_version": decision.policy_version,
+        "evidence_seqs": list(decision.evidence_seqs),
+    }
+
+
+def _decision_result(question: Question, decision: Decision) -> dict[str, Any]:
+    return {"subject_id": question.subject_id, "conversation_id": question.conversation_id, **receipt_view(decision)}
 
 
 def _receipt_result(answer: Mapping[str, Any]) -> dict[str, Any]:

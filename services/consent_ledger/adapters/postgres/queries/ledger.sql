@@ -74,6 +74,11 @@ ON CONFLICT (name) DO UPDATE SET last_seq = GREATEST(outbox_cursor.last_seq, EXC
 -- name: latest_policy
 SELECT body FROM ledger WHERE event_type = 'policy.published' AND subject_id IS NULL ORDER BY seq DESC LIMIT 1;
 
+-- name: policy_before
+-- The timeline in force when the entry at seq $1 was appended: the last one recorded before it.
+SELECT body FROM ledger WHERE event_type = 'policy.published' AND subject_id IS NULL AND seq < $1
+ORDER BY seq DESC LIMIT 1;
+
 
 -- name: subject_entries_after
 SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
