@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from audit_client import audit_client
 from consent_ledger.adapters.kafka.ledger_feed import Announcement, announcement_messages, tick_message
 from consent_ledger.adapters.policy_files import DEFAULT_TIMELINE, load_timeline
+from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.connection import connect, create_pool
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.adapters.postgres.state_store import Cited, DecisionInputs, merged_inputs
@@ -110,6 +112,39 @@ async def test_large_batches_at_once_on_a_small_pool_all_finish(
         assert [len(a) for a in answers] == [PARALLEL_ITEMS] * 4 + [1]
     finally:
         await svc.pool.close()
+
+
+async def test_the_parts_of_a_batch_see_one_ledger_while_entries_are_appended(
+    settings: Settings, folded: list[LedgerEntry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry committed between the first part's read and the second's is seen by neither: the second session
+    imports the first's snapshot (without it, the parts' watermarks differ and the batch is refused). `known_at`
+    lies ahead, as for an entry whose `recorded_at` came before the question's but whose commit came after."""
+    assert settings.database_url is not None
+    real = state_store.decision_inputs
+    calls: list[int] = []
+
+    async def reading(*args: Any) -> state_store.DecisionInputs:
+        calls.append(len(calls))
+        if len(calls) == 2:  # the second part: commit an entry first, on a session of its own
+            appender = await connect(settings.database_url)
+            try:
+                async with appender.transaction():
+                    await append(appender, [Candidate(EntryContent.of_event(next(history(1, 1, seed=99))))])
+            finally:
+                await appender.close()
+        return await real(*args)
+
+    monkeypatch.setattr(state_store, "decision_inputs", reading)
+    questions = [Question(e.subject_id, e.body["conversation_id"])
+                 for e in folded if e.subject_id and "conversation_id" in e.body][:PARALLEL_ITEMS]
+    svc = await service(settings, 2)
+    try:
+        answers = await svc.decide(questions, None, datetime.now(UTC) + timedelta(hours=1))
+    finally:
+        await svc.pool.close()
+    assert len(calls) == 2  # read in two parts
+    assert {a["ledger_watermark"] for a in answers} == {folded[-1].seq}  # not the entry appended meanwhile
 
 
 def test_parts_that_saw_different_ledgers_are_refused() -> None:
