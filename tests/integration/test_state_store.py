@@ -220,8 +220,14 @@ async def test_a_tick_skips_the_ledger_scan_only_after_an_unbroken_run_of_offset
     assert progress == entries[-1].seq
 
 
-def fold_retries() -> float:
-    return REGISTRY.get_sample_value("consent_ledger_fold_retries_total", {"sqlstate": "40P01"}) or 0.0
+def fold_retries(sqlstate: str = "40P01") -> float:
+    return REGISTRY.get_sample_value("consent_ledger_fold_retries_total", {"sqlstate": sqlstate}) or 0.0
+
+
+def fold_retries_by_sqlstate() -> dict[str, float]:
+    return {sample.labels["sqlstate"]: sample.value for family in REGISTRY.collect()
+            if family.name == "consent_ledger_fold_retries" for sample in family.samples
+            if sample.name.endswith("_total")}
 
 
 async def test_a_fold_rolled_back_by_a_deadlock_is_folded_again(
@@ -260,3 +266,40 @@ async def test_a_fold_rolled_back_by_a_deadlock_is_folded_again(
     assert fold_retries() - retries == 1
     assert await rows(service_db, "dl-a") == replayed(first)
     assert await rows(service_db, "dl-b") == replayed(second)
+
+
+async def test_a_fold_whose_session_is_lost_is_folded_again_on_a_new_one(
+    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection, admin_db: asyncpg.Connection
+) -> None:
+    """PostgreSQL restarting, failing over or ending a session under the folder: the batch is folded again on a
+    new session, once, instead of the worker restarting (a rebalance and a cold cache)."""
+    entries = await ledger(ledger_db, "lost")
+    folder = SubjectFolder(settings, load_timeline(None))
+    await folder.start()
+    before = fold_retries_by_sqlstate()
+    try:
+        await folder.fold_batch([(0, m) for m in announcement_messages([Announcement("lost", entries[0].seq)])])
+        rest = [Announcement(e.subject_id, e.seq) for e in entries[1:]]
+        async with admin_db.transaction():
+            # Hold the subject so that the folder's transaction is open, waiting, when its session is ended.
+            await admin_db.execute("SELECT 1 FROM subject_fold_state WHERE subject_id = 'lost' FOR UPDATE")
+            folding = asyncio.create_task(folder.fold_batch([(0, m) for m in announcement_messages(rest)]))
+            waiting = "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+
+            async def folder_waits() -> bool:
+                return bool(await admin_db.fetchval(waiting))
+
+            async def activity() -> str:
+                return repr(await admin_db.fetch("SELECT pid, state, wait_event_type, query FROM pg_stat_activity"))
+
+            await wait_until(folder_waits, 20, activity, poll_s=0.02)
+            assert await admin_db.fetchval(f"SELECT pg_terminate_backend(({waiting}))")
+        await asyncio.wait_for(folding, 30)
+    finally:
+        await folder.stop()
+    after = fold_retries_by_sqlstate()
+    retried = {state: count - before.get(state, 0.0) for state, count in after.items() if count != before.get(state)}
+    # Ended while waiting: 57P01 from the server, or 08003 when the client sees the session closed first.
+    assert list(retried.values()) == [1.0], retried
+    assert set(retried) <= {"57P01", "08003"}, retried
+    assert await rows(service_db, "lost") == replayed(entries)

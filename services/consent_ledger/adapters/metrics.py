@@ -36,7 +36,8 @@ TICKS_RECORDED = Counter(
 )
 FOLD_LATENCY = Histogram("consent_ledger_fold_batch_seconds", "Time to fold one batch and commit it")
 FOLD_RETRIES = Counter(
-    "consent_ledger_fold_retries_total", "Fold transactions rolled back by PostgreSQL and folded again", ["sqlstate"]
+    "consent_ledger_fold_retries_total",
+    "Fold transactions rolled back by PostgreSQL, or whose session was lost, and folded again", ["sqlstate"],
 )
 STATE_LAG = Gauge("consent_ledger_state_lag", "Ledger head seq minus the seq folded into state tables")
 API_LATENCY = Histogram(

@@ -53,9 +53,32 @@ CRASH_EXIT_SECONDS = 30.0
 # all, after a pause growing by this much, before the worker gives up and restarts.
 FOLD_ATTEMPTS = 5
 FOLD_RETRY_SECONDS = 0.1
+# A lost session (PostgreSQL restarting or failing over, the session terminated) is folded again on a new one for
+# this long, pausing up to RECONNECT_PAUSE_SECONDS between attempts, before the worker gives up and restarts: a
+# restart costs a rebalance of the group and the history cache.
+RECONNECT_SECONDS = 60.0
+RECONNECT_PAUSE_SECONDS = 2.0
+CONNECTION_LOST = (
+    asyncpg.PostgresConnectionError,  # 08xxx, and the session found closed under a statement
+    asyncpg.AdminShutdownError,  # 57P01: terminated, or PostgreSQL shutting down
+    asyncpg.CrashShutdownError,  # 57P02
+    asyncpg.CannotConnectNowError,  # 57P03: starting up or in recovery
+    OSError,  # refused or reset while PostgreSQL is down
+)
+UNABLE_TO_CONNECT = "08001"
 # Most subjects a transaction folds for what ticks promise beyond the announced entries. Normally a handful; after
 # a partition's progress was lost or reset, all its subjects, whose histories would otherwise be held at once.
 PROMISED_PER_TRANSACTION = 5_000
+
+
+def _session_loss(error: BaseException | None) -> BaseException | None:
+    """The error that ended the session, if `error` is one or came of one: leaving a transaction on a closed
+    session raises InterfaceError ("the underlying connection is closed") over the error that closed it."""
+    while error is not None:
+        if isinstance(error, CONNECTION_LOST):
+            return error
+        error = error.__context__
+    return None
 
 
 class HistoryCache:
@@ -166,20 +189,37 @@ class SubjectFolder:
         self, pool: asyncpg.Pool, announced: dict[str, int], ticks: dict[int, WatermarkTick], trusted: set[int],
         promised: dict[str, int] | None,
     ) -> tuple[dict[str, SubjectFacts], int, bool, dict[str, int] | None]:
-        """`_fold_once`, folded again when PostgreSQL rolls its transaction back (the last attempt's error stops
-        the worker)."""
-        for attempt in range(1, FOLD_ATTEMPTS):
+        """`_fold_once`, folded again when PostgreSQL rolls its transaction back (FOLD_ATTEMPTS in all) or the
+        session is lost (for RECONNECT_SECONDS); then the error stops the worker.
+
+        Folding again is safe whatever the first attempt did: a rolled-back attempt left nothing, and one whose
+        COMMIT was sent when the session was lost either left nothing or committed, with its fold state, what the
+        next attempt then finds folded already. What an attempt cached is keyed by the seq it folded up to, and a
+        subject's entries up to a seq always fold to the same facts.
+        """
+        attempt = 0
+        lost_since: float | None = None
+        while True:
+            attempt += 1
             try:
                 return await self._fold_once(pool, announced, ticks, trusted, promised)
             except asyncpg.TransactionRollbackError as error:
                 # A deadlock (two workers folding one partition during a rebalance lock its subjects in two
-                # rounds each) or a serialization failure: PostgreSQL rolled the transaction back, so the batch
-                # is folded again from what is committed. What the attempt cached is keyed by the seq it folded up
-                # to, and a subject's entries up to a seq always fold to the same facts.
-                metrics.FOLD_RETRIES.labels(error.sqlstate).inc()
-                log.warning("fold transaction rolled back (%s: %s); folding the batch again", error.sqlstate, error)
-                await asyncio.sleep(FOLD_RETRY_SECONDS * attempt)
-        return await self._fold_once(pool, announced, ticks, trusted, promised)
+                # rounds each) or a serialization failure.
+                if attempt >= FOLD_ATTEMPTS:
+                    raise
+                sqlstate, pause = error.sqlstate, FOLD_RETRY_SECONDS * attempt
+            except (*CONNECTION_LOST, asyncpg.InterfaceError) as error:
+                loss = _session_loss(error)
+                lost_since = time.monotonic() if lost_since is None else lost_since
+                if loss is None or time.monotonic() - lost_since >= RECONNECT_SECONDS:
+                    raise
+                # The pool replaces a closed session on the next acquire.
+                sqlstate = getattr(loss, "sqlstate", None) or UNABLE_TO_CONNECT
+                pause = min(RECONNECT_PAUSE_SECONDS, FOLD_RETRY_SECONDS * 2 ** attempt)
+            metrics.FOLD_RETRIES.labels(sqlstate).inc()
+            log.warning("fold transaction failed (%s); folding the batch again in %.1f s", sqlstate, pause)
+            await asyncio.sleep(pause)
 
     async def _fold_once(
         self, pool: asyncpg.Pool, announced: dict[str, int], ticks: dict[int, WatermarkTick], trusted: set[int],
