@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from consent_ledger.adapters.kafka.ledger_feed import Announcement, announcement_messages, tick_message
 from consent_ledger.adapters.policy_files import load_timeline
+from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.connection import connect
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
 from consent_ledger.adapters.postgres.state_store import TABLE_OF, plan_writes
@@ -186,6 +187,38 @@ async def test_a_tick_promising_many_subjects_is_folded_a_share_per_transaction(
     assert await service_db.fetchval(
         "SELECT count(DISTINCT xmin::text) FROM subject_fold_state WHERE subject_id LIKE 'many-%'") == 3
     assert await service_db.fetchval("SELECT watermark_seq FROM processor_progress WHERE partition = 0") == head
+
+
+async def test_a_batch_of_many_subjects_is_folded_a_chunk_of_subjects_at_a_time_in_its_one_transaction(
+    settings: Settings, service_db: asyncpg.Connection, ledger_db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a batch holds in hand is a chunk's entries and histories, however many subjects it announces; the
+    chunks are locked in subject order, and the batch is still one transaction with the rows of one fold."""
+    monkeypatch.setattr(stream_processor, "SUBJECTS_PER_CHUNK", 3)
+    locked: list[list[str]] = []
+    lock = state_store.lock_fold_state
+
+    async def locking(connection: asyncpg.Connection, subjects: list[str]) -> dict[str, state_store.FoldState]:
+        locked.append(list(subjects))
+        return await lock(connection, subjects)
+
+    monkeypatch.setattr(state_store, "lock_fold_state", locking)
+    subjects = [f"chunked-{i:02d}" for i in range(10)]
+    entries = {subject: await ledger(ledger_db, subject) for subject in subjects}
+    announced = [Announcement(subject, e.seq) for subject in reversed(subjects) for e in entries[subject]]
+    folder = SubjectFolder(settings, load_timeline(None))
+    await folder.start()
+    try:
+        folded = await folder.fold_batch([(0, m) for m in announcement_messages(announced)])
+    finally:
+        await folder.stop()
+    assert folded == sum(len(mine) for mine in entries.values())
+    assert locked == [subjects[0:3], subjects[3:6], subjects[6:9], subjects[9:]]
+    for subject in subjects:
+        assert await rows(service_db, subject) == replayed(entries[subject]), subject
+    assert await service_db.fetchval(
+        "SELECT count(DISTINCT xmin::text) FROM subject_fold_state WHERE subject_id LIKE 'chunked-%'") == 1
 
 
 def ticks_recorded(checked_by: str) -> float:

@@ -69,6 +69,9 @@ UNABLE_TO_CONNECT = "08001"
 # Most subjects a transaction folds for what ticks promise beyond the announced entries. Normally a handful; after
 # a partition's progress was lost or reset, all its subjects, whose histories would otherwise be held at once.
 PROMISED_PER_TRANSACTION = 5_000
+# Subjects whose entries and histories are in hand at once while a batch is folded: a batch's memory then grows with
+# its announcements (a few dozen bytes a subject), not with its entries.
+SUBJECTS_PER_CHUNK = 5_000
 
 
 def _session_loss(error: BaseException | None) -> BaseException | None:
@@ -134,10 +137,8 @@ class SubjectFolder:
         if self.pool is not None:
             await self.pool.close()
 
-    async def fold_batch(
-        self, messages: Sequence[tuple[int, bytes]], offsets: Sequence[int] | None = None
-    ) -> dict[str, SubjectFacts]:
-        """Apply (partition, message) pairs, normally in one transaction; returns the new facts of touched subjects.
+    async def fold_batch(self, messages: Sequence[tuple[int, bytes]], offsets: Sequence[int] | None = None) -> int:
+        """Apply (partition, message) pairs, normally in one transaction; returns how many entries it folded.
 
         The feed says which subjects have new entries and how far; the entries themselves are read from the
         ledger, so a feed message lost in transit (faust can drop some while it recovers a partition) leaves
@@ -156,7 +157,6 @@ class SubjectFolder:
         # A tick ending an unbroken run from the last tick that held promises only what the run announced, and
         # the run is folded in this batch or was in earlier ones: the ledger scan would find nothing behind.
         trusted = {p for p, (first, _) in runs.items() if self._unbroken.get(p) == first - 1}
-        touched: dict[str, SubjectFacts] = {}
         folded = 0
         # Normally one transaction. When the ticks promise more subjects than one should hold (a partition's
         # whole history after its progress was lost or reset: a rebuild), the first folds the announced entries
@@ -164,8 +164,7 @@ class SubjectFolder:
         pending: dict[str, int] = announced
         left: dict[str, int] | None = None
         while True:
-            part, count, done, left = await self._fold_transaction(pool, pending, ticks, trusted, left)
-            touched.update(part)
+            count, done, left = await self._fold_transaction(pool, pending, ticks, trusted, left)
             folded += count
             if done:
                 break
@@ -183,12 +182,12 @@ class SubjectFolder:
         metrics.ENTRIES_FOLDED.inc(folded)
         metrics.FOLD_BATCH_SIZE.observe(len(messages))
         metrics.FOLD_LATENCY.observe(time.perf_counter() - started)
-        return touched
+        return folded
 
     async def _fold_transaction(
         self, pool: asyncpg.Pool, announced: dict[str, int], ticks: dict[int, WatermarkTick], trusted: set[int],
         promised: dict[str, int] | None,
-    ) -> tuple[dict[str, SubjectFacts], int, bool, dict[str, int] | None]:
+    ) -> tuple[int, bool, dict[str, int] | None]:
         """`_fold_once`, folded again when PostgreSQL rolls its transaction back (FOLD_ATTEMPTS in all) or the
         session is lost (for RECONNECT_SECONDS); then the error stops the worker.
 
@@ -224,37 +223,44 @@ class SubjectFolder:
     async def _fold_once(
         self, pool: asyncpg.Pool, announced: dict[str, int], ticks: dict[int, WatermarkTick], trusted: set[int],
         promised: dict[str, int] | None,
-    ) -> tuple[dict[str, SubjectFacts], int, bool, dict[str, int] | None]:
+    ) -> tuple[int, bool, dict[str, int] | None]:
         """One transaction: the announced entries, then up to PROMISED_PER_TRANSACTION subjects of what the ticks
         promise (checked against the ledger here when `promised` is None, else the rest of an earlier check).
 
-        Returns the touched subjects' facts, how many entries were folded, whether the ticks were recorded, and
-        what is left of the promise (None: check the ticks again).
+        Returns how many entries were folded, whether the ticks were recorded, and what is left of the promise
+        (None: check the ticks again).
         """
-        touched: dict[str, SubjectFacts] = {}
         async with pool.acquire() as connection, connection.transaction():
-            folded = await self._fold_subjects(connection, announced, touched)
+            folded = await self._fold_subjects(connection, announced)
             checked = promised is None
             if promised is None:
                 # What the ticks promise, once the announced entries are folded: normally nothing is left behind.
                 promised = await self._behind_ticks(connection, {p: t for p, t in ticks.items() if p not in trusted})
             share = dict(sorted(promised.items())[:PROMISED_PER_TRANSACTION])
             if share:
-                folded += await self._fold_subjects(connection, share, touched)
+                folded += await self._fold_subjects(connection, share)
             left = {s: upto for s, upto in promised.items() if s not in share}
             if checked and not left:
                 await state_store.save_progress(
                     connection, self.settings.processor_group_id, {p: t.seq for p, t in ticks.items()}
                 )
-                return touched, folded, True, None
-        return touched, folded, False, left or None
+                return folded, True, None
+        return folded, False, left or None
 
-    async def _fold_subjects(
-        self, connection: asyncpg.Connection, announced: dict[str, int], touched: dict[str, SubjectFacts]
-    ) -> int:
-        """Fold each subject's entries up to its announced seq, inside the caller's transaction; how many."""
-        if not announced:
-            return 0
+    async def _fold_subjects(self, connection: asyncpg.Connection, announced: dict[str, int]) -> int:
+        """Fold each subject's entries up to its announced seq, inside the caller's transaction; how many.
+
+        SUBJECTS_PER_CHUNK subjects at a time, in subject order: what is in hand is a chunk's entries and
+        histories whatever the batch's size, and the fold-state rows are still locked in one order by every worker.
+        """
+        subjects = sorted(announced)
+        folded = 0
+        for start in range(0, len(subjects), SUBJECTS_PER_CHUNK):
+            chunk = {s: announced[s] for s in subjects[start:start + SUBJECTS_PER_CHUNK]}
+            folded += await self._fold_chunk(connection, chunk)
+        return folded
+
+    async def _fold_chunk(self, connection: asyncpg.Connection, announced: dict[str, int]) -> int:
         state = await state_store.lock_fold_state(connection, list(announced))
         folded = {subject_id: s.seq for subject_id, s in state.items()}
         behind = {s: upto for s, upto in announced.items() if upto > folded[s]}
@@ -267,6 +273,7 @@ class SubjectFolder:
         histories, kept = reading_histories.result()
         changes = []
         new_state: dict[str, tuple[int, datetime]] = {}
+        touched: dict[str, SubjectFacts] = {}
         for count, (subject_id, fresh) in enumerate(entries.items(), 1):
             if count % SUBJECTS_PER_YIELD == 0:
                 await asyncio.sleep(0)
