@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         10_000, ge=0, description="subjects whose folded history a processor worker keeps in memory (~1.2 KB an entry)"
     )
     processor_batch_messages: int = Field(
-        128, ge=1, description="most feed messages folded in one transaction (up to 1,000 entries each)"
+        512, ge=1, description="most feed messages folded in one transaction (up to 1,000 entries each)"
     )
     writer_batch_max: int = Field(2000, ge=1, description="most records appended in one transaction")
     max_future_skew_seconds: float = Field(
