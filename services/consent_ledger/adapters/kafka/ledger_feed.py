@@ -12,8 +12,9 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 ANNOUNCEMENTS_PER_MESSAGE = 1000
-"""About 60 KB of JSON. Processors batch by message count (faust's take_events), so this bounds the entries
-a full batch holds: 1,000 here times settings.processor_batch_messages."""
+"""About 60 KB of JSON. Processors batch by message count (faust's take_events), so this bounds the announcements
+a full batch holds: 1,000 here times settings.processor_batch_messages (their entries are read a chunk of subjects
+at a time)."""
 
 
 @dataclass(frozen=True, slots=True)
