@@ -547,7 +547,10 @@ async def _fold_rate(live: Settings, head: int, metrics_url: str) -> dict[str, A
             if first_moved is None and done > 0:
                 first_moved = (now, done)
             if first_began is None:
-                counters = await asyncio.to_thread(_scrape, metrics_url)
+                try:
+                    counters = await asyncio.to_thread(_scrape, metrics_url)
+                except OSError:  # urllib's URLError too: its /metrics is not served yet, while it starts
+                    counters = {}
                 if counters.get("consent_ledger_fold_batch_seconds_count", 0.0) >= 1:
                     # The batches folded so far took this long, up to now: the first one began that long ago.
                     first_began = now - counters["consent_ledger_fold_batch_seconds_sum"]
@@ -562,7 +565,7 @@ async def _fold_rate(live: Settings, head: int, metrics_url: str) -> dict[str, A
     entries = (await asyncio.to_thread(_scrape, metrics_url))["consent_ledger_entries_folded_total"]
     return {"steady_entries_per_s": round(entries / (now - first_began)), "startup_s": round(first_began - started, 1),
             "with_startup_entries_per_s": round(entries / (now - started)), "entries_folded": round(entries),
-            "from_watermark_entries_per_s": round((head - first_moved[1]) / (now - first_moved[0]))}
+            "from_watermark_entries_per_s": round((head - first_moved[1]) / max(now - first_moved[0], 1e-9))}
 
 
 def _scrape(url: str) -> dict[str, float]:
