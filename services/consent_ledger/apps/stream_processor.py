@@ -262,6 +262,7 @@ class SubjectFolder:
         return folded
 
     async def _fold_chunk(self, connection: asyncpg.Connection, announced: dict[str, int]) -> int:
+        """One chunk of `_fold_subjects`: lock the subjects' fold state, read, fold, write; how many entries."""
         state = await state_store.lock_fold_state(connection, list(announced))
         folded = {subject_id: s.seq for subject_id, s in state.items()}
         behind = {s: upto for s, upto in announced.items() if upto > folded[s]}
