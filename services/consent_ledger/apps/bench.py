@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hashlib
 import heapq
@@ -412,7 +413,7 @@ def _measure(
                   _spawn("stream-processor", env, scratch / "processor-grown.log")]
         try:
             head = asyncio.run(_append_history(live, query_scale, subjects=query_scale // 10))
-            asyncio.run(_folded_up_to(live, head))
+            asyncio.run(_poll_until(live, functools.partial(_folded, live), head, "entries folded"))
         finally:
             for process in grower:
                 _stop(process)
@@ -491,10 +492,21 @@ async def _append_history(live: Settings, target: int, *, subjects: int) -> int:
         await connection.close()
 
 
-async def _steady_rate(
-    live: Settings, progress: Callable[[asyncpg.Connection], Awaitable[int]], target: int, unit: str
-) -> dict[str, Any]:
-    """`unit`s per second of `progress` once it has started moving (the start-up before it is reported apart)."""
+@dataclass(frozen=True)
+class _Progress:
+    """How a count moved while it was polled up to its target."""
+
+    started: float
+    first: tuple[float, int]
+    """When the count first moved, and to what."""
+    ended: float
+
+
+async def _poll_until(
+    live: Settings, progress: Callable[[asyncpg.Connection], Awaitable[int]], target: int, what: str,
+    each_poll: Callable[[float], Awaitable[None]] | None = None,
+) -> _Progress:
+    """Poll `progress` every 0.1 s until it reaches `target` (calling `each_poll` with the time of each poll)."""
     connection = await connect(live.database_url or "")
     try:
         started = time.perf_counter()
@@ -504,16 +516,31 @@ async def _steady_rate(
             now = time.perf_counter()
             if first is None and done > 0:
                 first = (now, done)
+            if each_poll is not None:
+                await each_poll(now)
             if done >= target:
                 break
             if now - started > 3600:
-                raise RuntimeError(f"timed out waiting for {target:,} {unit}")
+                raise RuntimeError(f"timed out waiting for {target:,} {what}")
             await asyncio.sleep(0.1)
     finally:
         await connection.close()
     assert first is not None
-    return {f"steady_{unit}_per_s": round((target - first[1]) / max(now - first[0], 1e-9)),
-            "startup_s": round(first[0] - started, 1), f"with_startup_{unit}_per_s": round(target / (now - started))}
+    return _Progress(started, first, now)
+
+
+def _rate_once_moving(moved: _Progress, target: int) -> float:
+    return (target - moved.first[1]) / max(moved.ended - moved.first[0], 1e-9)
+
+
+async def _steady_rate(
+    live: Settings, progress: Callable[[asyncpg.Connection], Awaitable[int]], target: int, unit: str
+) -> dict[str, Any]:
+    """`unit`s per second of `progress` once it has started moving (the start-up before it is reported apart)."""
+    moved = await _poll_until(live, progress, target, unit)
+    return {f"steady_{unit}_per_s": round(_rate_once_moving(moved, target)),
+            "startup_s": round(moved.first[0] - moved.started, 1),
+            f"with_startup_{unit}_per_s": round(target / (moved.ended - moved.started))}
 
 
 async def _ingest_rate(live: Settings, sent: int) -> dict[str, Any]:
@@ -528,6 +555,10 @@ async def _ingest_rate(live: Settings, sent: int) -> dict[str, Any]:
     return await _steady_rate(live, consumed, sent, "events")
 
 
+async def _folded(live: Settings, connection: asyncpg.Connection) -> int:
+    return await folded_watermark(connection, live.processor_group_id, live.topic_partitions)
+
+
 async def _fold_rate(live: Settings, head: int, metrics_url: str) -> dict[str, Any]:
     """Entries per second one worker folds, from the start of its first batch until everything up to `head` is
     folded (the group join before it is reported apart).
@@ -536,36 +567,27 @@ async def _fold_rate(live: Settings, head: int, metrics_url: str) -> dict[str, A
     may hold a quarter of the ledger, so timing from its first move leaves out of the time much of what the count
     already holds (one run, batches of 512 messages: 16,616 entries/s that way, 13,241 by these counters).
     """
-    connection = await connect(live.database_url or "")
-    try:
-        started = time.perf_counter()
-        first_began: float | None = None
-        first_moved: tuple[float, int] | None = None  # the watermark's first move: how the bench timed it before
-        while True:
-            done = await folded_watermark(connection, live.processor_group_id, live.topic_partitions)
-            now = time.perf_counter()
-            if first_moved is None and done > 0:
-                first_moved = (now, done)
-            if first_began is None:
-                try:
-                    counters = await asyncio.to_thread(_scrape, metrics_url)
-                except OSError:  # urllib's URLError too: its /metrics is not served yet, while it starts
-                    counters = {}
-                if counters.get("consent_ledger_fold_batch_seconds_count", 0.0) >= 1:
-                    # The batches folded so far took this long, up to now: the first one began that long ago.
-                    first_began = now - counters["consent_ledger_fold_batch_seconds_sum"]
-            if done >= head:
-                break
-            if now - started > 3600:
-                raise RuntimeError(f"timed out waiting for {head:,} entries to be folded")
-            await asyncio.sleep(0.1)
-    finally:
-        await connection.close()
-    assert first_began is not None and first_moved is not None
+    first_began: list[float] = []
+
+    async def find_first_batch(now: float) -> None:
+        if first_began:
+            return
+        try:
+            counters = await asyncio.to_thread(_scrape, metrics_url)
+        except OSError:  # urllib's URLError too: its /metrics is not served yet, while it starts
+            return
+        if counters.get("consent_ledger_fold_batch_seconds_count", 0.0) >= 1:
+            # The batches folded so far took this long, up to now: the first one began that long ago.
+            first_began.append(now - counters["consent_ledger_fold_batch_seconds_sum"])
+
+    moved = await _poll_until(live, functools.partial(_folded, live), head, "entries folded", find_first_batch)
     entries = (await asyncio.to_thread(_scrape, metrics_url))["consent_ledger_entries_folded_total"]
-    return {"steady_entries_per_s": round(entries / (now - first_began)), "startup_s": round(first_began - started, 1),
-            "with_startup_entries_per_s": round(entries / (now - started)), "entries_folded": round(entries),
-            "from_watermark_entries_per_s": round((head - first_moved[1]) / max(now - first_moved[0], 1e-9))}
+    began = first_began[0]
+    return {"steady_entries_per_s": round(entries / (moved.ended - began)),
+            "startup_s": round(began - moved.started, 1),
+            "with_startup_entries_per_s": round(entries / (moved.ended - moved.started)),
+            "entries_folded": round(entries),
+            "from_watermark_entries_per_s": round(_rate_once_moving(moved, head))}
 
 
 def _scrape(url: str) -> dict[str, float]:
@@ -577,19 +599,6 @@ def _scrape(url: str) -> dict[str, float]:
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
-
-
-async def _folded_up_to(live: Settings, head: int) -> None:
-    """Wait until the processors' folded watermark reaches `head`."""
-    connection = await connect(live.database_url or "")
-    try:
-        deadline = time.monotonic() + 3600
-        while await folded_watermark(connection, live.processor_group_id, live.topic_partitions) < head:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {head:,} entries to be folded")
-            await asyncio.sleep(0.25)
-    finally:
-        await connection.close()
 
 
 async def _end_to_end(live: Settings, *, rate: int, seconds: int) -> dict[str, Any]:
@@ -610,7 +619,7 @@ async def _end_to_end(live: Settings, *, rate: int, seconds: int) -> dict[str, A
                 pending = list(sent_at)
                 if pending:
                     seqs = await connection.fetch("SELECT event_id, seq FROM ledger WHERE event_id = ANY($1)", pending)
-                    folded = await folded_watermark(connection, live.processor_group_id, live.topic_partitions)
+                    folded = await _folded(live, connection)
                     now = time.perf_counter()
                     for row in seqs:
                         if row["seq"] <= folded:
