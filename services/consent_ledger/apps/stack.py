@@ -129,10 +129,12 @@ def _run_directory(settings: Settings) -> Iterator[Path]:
 
 
 def run_stack(settings: Settings, *, demo: bool, exit_after_demo: bool) -> int:
-    if not settings.tokens_by_role():
-        # No tokens configured: make one per role for this run, and print them.
-        settings = settings.model_copy(update={f"{role}_tokens": _secret(f"{role}-{secrets.token_urlsafe(12)}")
-                                               for role in ROLES})
+    # A role with no token configured gets one for this run, printed with the others: the demo and the printed
+    # examples ask as auditor and record as pipeline, and configured tokens are kept as they are.
+    configured = set(settings.tokens_by_role().values())
+    generated = [role for role in ROLES if role not in configured]
+    settings = settings.model_copy(update={f"{role}_tokens": _secret(f"{role}-{secrets.token_urlsafe(12)}")
+                                           for role in generated})
     signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly on SIGTERM as on Ctrl-C
     if settings.api_port == 0:
         settings = settings.model_copy(update={"api_port": free_port()})
@@ -145,7 +147,7 @@ def run_stack(settings: Settings, *, demo: bool, exit_after_demo: bool) -> int:
             try:
                 stack.start()
                 stack.wait_ready()
-                _announce(stack, live)
+                _announce(stack, live, generated)
                 if demo:
                     _run_demo(stack, live)
                 if not exit_after_demo:
@@ -184,13 +186,14 @@ def _wait_until_interrupted(stack: Stack) -> None:
         time.sleep(0.5)
 
 
-def _announce(stack: Stack, live: Settings) -> None:
+def _announce(stack: Stack, live: Settings, generated: list[str]) -> None:
     say(f"\nKafka:      {live.kafka_bootstrap_servers}")
     say(f"PostgreSQL: {live.database_url}")
     say(f"audit API:  {stack.base_url}  (OpenAPI: {stack.base_url}/docs)")
     say(f"logs:       {stack.log_dir}")
     for role in ROLES:
-        say(f"token ({role}): {stack.role_token(role)}")
+        origin = "made for this run" if role in generated else f"from CONSENT_LEDGER_{role.upper()}_TOKENS"
+        say(f"token ({role}): {stack.role_token(role)}  ({origin})")
     say("\ntry:")
     say(f"  curl -H 'Authorization: Bearer {stack.role_token('auditor')}' "
         f"'{stack.base_url}/v1/eligibility?subject_id=alice&conversation_id=a-chat-1&at=2025-10-10T00:00:00Z'")
