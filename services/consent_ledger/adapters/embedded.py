@@ -20,8 +20,8 @@ POSTGRES_SYSTEM_USER = "consent_ledger_pg"
 SERVICE_LOGIN = "consent_ledger"
 DATABASE_NAME = "consent_ledger"
 SHARED_BUFFERS = "1GB"
-"""Enough to hold a 1,000,000-entry ledger's state tables and indexes (the default, 128MB, holds a seventh of them):
-a 1,000-item question then reads no page from the kernel. Allocated as it is touched."""
+"""Enough to hold the whole database of a 1,000,000-entry ledger (about 900 MB; the default, 128MB, holds a
+seventh of them). Allocated as it is touched. See `EmbeddedPostgres.start` for what it moved."""
 
 
 class EmbeddedServerError(RuntimeError):
@@ -183,11 +183,12 @@ class EmbeddedPostgres:
             )
             if init.returncode != 0:
                 raise EmbeddedServerError(f"initdb failed in {self.pgdata}:\n{init.stderr}")
+        # 1,000-item questions on fresh subjects, in-process, one database restarted under each setting, two
+        # rounds: p50 132-134 ms with the defaults (128MB, io_method=worker), 93 with io_method=sync, 74-80 with
+        # 1GB and either. PostgreSQL 18 hands each read to I/O worker processes by default: on two cores a page
+        # from the kernel's cache took 20-23 us that way against 4 us read by the backend (track_io_timing).
         tuning = ["-c", f"shared_buffers={SHARED_BUFFERS}"]
         if int((self.pgdata / "PG_VERSION").read_text().split(".")[0]) >= 18:
-            # PostgreSQL 18 hands every read to I/O worker processes by default: on two cores a page from the
-            # kernel's cache took 20-23 us that way against 4 us read by the backend itself (EXPLAIN, track_io_timing,
-            # a 1,000-item question on fresh subjects: 4,800-5,900 reads, 108-127 ms of reading, 19 ms with `sync`).
             tuning += ["-c", "io_method=sync"]
         if not self.durable:
             # Tests trade durability for speed; `up` keeps fsync on because that data is meant to survive.
