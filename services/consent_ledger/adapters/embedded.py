@@ -21,7 +21,7 @@ SERVICE_LOGIN = "consent_ledger"
 DATABASE_NAME = "consent_ledger"
 SHARED_BUFFERS = "1GB"
 """Enough to hold the whole database of a 1,000,000-entry ledger (about 900 MB; the default, 128MB, holds a
-seventh of them). Allocated as it is touched. See `EmbeddedPostgres.start` for what it moved."""
+seventh of it). Allocated as it is touched. See `EmbeddedPostgres.start` for what it moved."""
 
 
 class EmbeddedServerError(RuntimeError):
