@@ -292,9 +292,7 @@ async def test_the_checker_reports_each_planted_bug_and_nothing_else(
     assert len(found) == 20
 
     # The planted bug the issue names: a writer that skips dedup stores redeliveries again.
-    async def no_dedup(
-        connection: asyncpg.Connection, candidates: list[ledger_store.Candidate], *_: object
-    ) -> list[ledger_store.Candidate]:
+    def no_dedup(_known: object, candidates: list[ledger_store.Candidate], *_: object) -> list[ledger_store.Candidate]:
         return list(candidates)
 
     # A new consumer group, resuming from the stored offsets: the embedded broker takes ~20 s to let a new member

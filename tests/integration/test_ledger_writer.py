@@ -35,7 +35,7 @@ from ledger_support import (
 
 from consent_ledger.adapters.avro.codec import HEADER_SIZE, MARKER, decode_event, default_codec, encode_event
 from consent_ledger.adapters.postgres.connection import connect
-from consent_ledger.adapters.postgres.ledger_store import Candidate, append
+from consent_ledger.adapters.postgres.ledger_store import Candidate, SourceRef, append
 from consent_ledger.apps.ledger_writer import BrokerLogLost, LedgerWriter
 from consent_ledger.config import Settings
 from consent_ledger.core.events import BODY_FIELDS, EVENT_TOPICS, Event, EventType, InvalidEvent, RejectReason
@@ -368,6 +368,54 @@ async def append_events(database_url: str, events: Sequence[Event], per_transact
                 ])
     finally:
         await connection.close()
+
+
+@pytest.mark.parametrize("same_content", [True, False])
+async def test_an_event_appended_while_another_append_waits_for_the_lock_is_still_found(
+    settings: Settings, service_db: asyncpg.Connection, same_content: bool
+) -> None:
+    """An append looks its event ids up before taking the lock; what another appender commits meanwhile is looked up
+    again under it: a redelivery is a duplicate, another content a conflict, never a second entry."""
+    assert settings.database_url is not None
+    rng = random.Random(SEED + 3)
+    raced, fresh = make_event(rng, "s-raced"), make_event(rng, "s-fresh")
+    again = raced if same_content else dataclasses.replace(raced, producer="another-producer")
+    first = await connect(settings.database_url)
+    second = await connect(settings.database_url)
+    try:
+        holding = first.transaction()
+        await holding.start()
+        await append(first, [Candidate(EntryContent.of_event(raced))])
+        # The second append starts while the first holds the lock with its entry not yet committed.
+        waiting_one = second.transaction()
+        await waiting_one.start()
+        waiting = asyncio.create_task(append(second, [
+            Candidate(EntryContent.of_event(again), SourceRef("consent", 0, 7), b"raw"),
+            Candidate(EntryContent.of_event(fresh)),
+        ]))
+        await wait_until(lambda: _waits_for_advisory_lock(service_db), 10.0, _no_lock_wait, poll_s=0.02)
+        await holding.commit()  # releases the lock
+        outcome = await waiting
+        await waiting_one.commit()
+    finally:
+        await first.close()
+        await second.close()
+    assert [e.event_id for e in outcome.appended] == [fresh.event_id]
+    assert outcome.duplicates == (1 if same_content else 0)
+    assert [r.reason for r in outcome.rejected] == ([] if same_content else [RejectReason.EVENT_ID_CONFLICT])
+    rows = await service_db.fetch("SELECT seq, event_id, producer FROM ledger ORDER BY seq")
+    assert [(r["seq"], r["event_id"], r["producer"]) for r in rows] == [
+        (1, raced.event_id, raced.producer), (2, fresh.event_id, fresh.producer)
+    ]
+    assert (await verify_chain(settings.database_url)).first_break is None
+
+
+async def _no_lock_wait() -> str:
+    return "the second append never waited for the append lock"
+
+
+async def _waits_for_advisory_lock(connection: asyncpg.Connection) -> bool:
+    return bool(await connection.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
 
 
 @pytest.mark.parametrize("table", ["ledger", "rejected_events"])

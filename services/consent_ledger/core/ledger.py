@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -106,37 +106,64 @@ def canonical_json(value: Any) -> bytes:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+class CanonicalPieces(NamedTuple):
+    """An entry's canonical bytes around its place in the ledger, which only the append under the lock decides.
+
+    The document's keys sort as body, event_id, event_type, occurred_at, producer, then recorded_at and seq, then
+    subject_id; so the bytes are `head`, the place, and `tail`, and the pieces can be written before the lock.
+    """
+
+    head: bytes
+    """`{"body":...,"producer":"..."`: the keys before recorded_at, without the closing brace."""
+    tail: bytes
+    """`,"subject_id":...}`."""
+
+
+def canonical_pieces(content: EntryContent) -> CanonicalPieces:
+    document = content.as_json()
+    subject_id = document.pop("subject_id")
+    return CanonicalPieces(canonical_json(document)[:-1], b',"subject_id":' + canonical_json(subject_id) + b"}")
+
+
 def canonical_bytes(seq: int, recorded_at: datetime, content: EntryContent) -> bytes:
     """The bytes an entry's hash covers; README section "Verifying the chain" shows how to recompute them."""
-    return _canonical(seq, format_timestamp(recorded_at), content)
+    return _canonical(seq, _place_prefix(format_timestamp(recorded_at)), canonical_pieces(content))
 
 
-def _canonical(seq: int, recorded_at_text: str, content: EntryContent) -> bytes:
-    document = content.as_json()
-    document["seq"] = seq
-    document["recorded_at"] = recorded_at_text
-    return canonical_json(document)
+def _place_prefix(recorded_at_text: str) -> bytes:
+    # `,"recorded_at":"...","seq":`, the seq's digits follow: one transaction's entries share the prefix.
+    return b',"recorded_at":' + canonical_json(recorded_at_text) + b',"seq":'
+
+
+def _canonical(seq: int, place_prefix: bytes, pieces: CanonicalPieces) -> bytes:
+    # The same bytes as canonical_json of the whole document (test_hash_chain holds it to the README's recipe).
+    return b"".join((pieces.head, place_prefix, str(seq).encode(), pieces.tail))
 
 
 def chain_hash(previous_hash: bytes, seq: int, recorded_at: datetime, content: EntryContent) -> bytes:
     """`entry_hash = SHA-256(previous entry_hash || canonical bytes of the entry)`."""
-    return _link(previous_hash, seq, format_timestamp(recorded_at), content)
+    return _link(previous_hash, seq, _place_prefix(format_timestamp(recorded_at)), canonical_pieces(content))
 
 
-def _link(previous_hash: bytes, seq: int, recorded_at_text: str, content: EntryContent) -> bytes:
-    # chain_hash with recorded_at already formatted: callers chaining one transaction's entries format it once.
-    return hashlib.sha256(previous_hash + _canonical(seq, recorded_at_text, content)).digest()
+def _link(previous_hash: bytes, seq: int, place_prefix: bytes, pieces: CanonicalPieces) -> bytes:
+    return hashlib.sha256(previous_hash + _canonical(seq, place_prefix, pieces)).digest()
 
 
 def append_entries(
-    previous_hash: bytes, previous_seq: int, recorded_at: datetime, contents: Iterable[EntryContent]
+    previous_hash: bytes, previous_seq: int, recorded_at: datetime, contents: Iterable[EntryContent],
+    pieces: Iterable[CanonicalPieces] | None = None,
 ) -> list[LedgerEntry]:
-    """Give each content the next seq and chain it after `previous_hash`, all at one transaction time."""
-    recorded_at_text = format_timestamp(recorded_at)  # one transaction, one timestamp: format it once
+    """Give each content the next seq and chain it after `previous_hash`, all at one transaction time.
+
+    `pieces`, one for each content when given, are the contents' canonical pieces written beforehand.
+    """
+    contents = list(contents)
+    place_prefix = _place_prefix(format_timestamp(recorded_at))  # one transaction, one timestamp: format it once
     entries: list[LedgerEntry] = []
-    for offset, content in enumerate(contents, start=1):
+    all_pieces = (canonical_pieces(c) for c in contents) if pieces is None else pieces
+    for offset, (content, its_pieces) in enumerate(zip(contents, all_pieces, strict=True), start=1):
         seq = previous_seq + offset
-        previous_hash = _link(previous_hash, seq, recorded_at_text, content)
+        previous_hash = _link(previous_hash, seq, place_prefix, its_pieces)
         entries.append(LedgerEntry(seq, recorded_at, content, previous_hash))
     return entries
 
@@ -162,15 +189,16 @@ class ChainVerifier:
         self.first_break: ChainBreak | None = None
         # The entries of one append transaction share their recorded_at: its text is formatted once for all.
         self._recorded_at: datetime | None = None
-        self._recorded_at_text = ""
+        self._place_prefix = b""
 
     def feed(self, entries: Iterable[LedgerEntry]) -> ChainBreak | None:
         for entry in entries:
             if self.first_break is not None:
                 return self.first_break
             if entry.recorded_at != self._recorded_at:
-                self._recorded_at, self._recorded_at_text = entry.recorded_at, format_timestamp(entry.recorded_at)
-            expected = _link(self.previous_hash, entry.seq, self._recorded_at_text, entry.content)
+                self._recorded_at = entry.recorded_at
+                self._place_prefix = _place_prefix(format_timestamp(entry.recorded_at))
+            expected = _link(self.previous_hash, entry.seq, self._place_prefix, canonical_pieces(entry.content))
             detail = ""
             if entry.seq != self.previous_seq + 1:
                 detail = f"gap: seq {entry.seq} follows seq {self.previous_seq}"

@@ -12,7 +12,14 @@ import asyncpg
 
 from consent_ledger.adapters.postgres.queries import query
 from consent_ledger.core.events import RejectReason, format_timestamp
-from consent_ledger.core.ledger import GENESIS_HASH, EntryContent, LedgerEntry, append_entries
+from consent_ledger.core.ledger import (
+    GENESIS_HASH,
+    CanonicalPieces,
+    EntryContent,
+    LedgerEntry,
+    append_entries,
+    canonical_pieces,
+)
 
 ONE_MICROSECOND = timedelta(microseconds=1)
 LEDGER_COLUMNS = (
@@ -38,6 +45,11 @@ class Candidate:
     source: SourceRef | None = None
     raw: bytes = b""
     """The message bytes as consumed, kept in case the event is rejected after decoding."""
+    pieces: CanonicalPieces = field(init=False)
+    """Its canonical bytes but for its place: written now, not under the append lock (docs/adr/0002)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pieces", canonical_pieces(self.content))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,18 +111,26 @@ async def append(
     writer got there first, before a rebalance) and `next_offsets` are saved in the same transaction.
     """
     assert connection.is_in_transaction(), "append must run inside the caller's transaction"
+    # Before the lock, so that other appenders wait less (docs/adr/0002): the entries already holding the
+    # candidates' event ids.
+    seen_upto, known = await _known_contents(connection, candidates)
     await connection.execute(query("ledger", "lock_appends"))
     outcome = AppendOutcome()
     if group_id is not None:
         candidates, rejections = await _drop_committed(connection, group_id, candidates, rejections, outcome)
-    head = await read_head(connection)
-    clock: datetime = await connection.fetchval(query("ledger", "transaction_clock"))
+    place = await connection.fetchrow(query("ledger", "head_and_clock"))
+    head_seq: int = place["seq"]
+    head_hash = GENESIS_HASH if place["entry_hash"] is None else bytes(place["entry_hash"])
+    clock: datetime = place["clock"]
     # Strictly after the previous transaction: "known at the head's recorded_at" then means "up to its seq".
-    recorded_at = clock if head.recorded_at is None else max(clock, head.recorded_at + ONE_MICROSECOND)
+    recorded_at = clock if place["recorded_at"] is None else max(clock, place["recorded_at"] + ONE_MICROSECOND)
     rejected = list(rejections)
     acceptable = _refuse_unstorable(_refuse_future(candidates, clock, max_future_skew, rejected), rejected)
-    fresh = await _dedup(connection, acceptable, rejected, outcome)
-    entries = append_entries(head.entry_hash, head.seq, recorded_at, (c.content for c in fresh))
+    if acceptable and head_seq > seen_upto:  # appended since the look-up: only those entries can be new matches
+        known.update(await _contents_by_event_id(connection, acceptable, latest=head_seq - seen_upto))
+    fresh = _dedup(known, acceptable, rejected, outcome)
+    entries = append_entries(head_hash, head_seq, recorded_at, (c.content for c in fresh),
+                             (c.pieces for c in fresh))
     if entries:
         records = [_ledger_record(e, c.source) for e, c in zip(entries, fresh, strict=True)]
         await connection.copy_records_to_table("ledger", columns=LEDGER_COLUMNS, records=records)
@@ -187,16 +207,34 @@ def _refuse_unstorable(candidates: Sequence[Candidate], rejected: list[Rejection
     return kept
 
 
-async def _dedup(
-    connection: asyncpg.Connection, candidates: list[Candidate], rejected: list[Rejection], outcome: AppendOutcome
+async def _known_contents(
+    connection: asyncpg.Connection, candidates: Sequence[Candidate]
+) -> tuple[int, dict[uuid.UUID, EntryContent]]:
+    """The ledger's head seq, then the contents of the entries holding the candidates' event ids: all of them up to
+    that seq (appends commit in seq order, so a later statement sees every entry up to it)."""
+    seen_upto: int = await connection.fetchval(query("ledger", "head_seq"))
+    if not candidates:
+        return seen_upto, {}
+    return seen_upto, await _contents_by_event_id(connection, candidates)
+
+
+async def _contents_by_event_id(
+    connection: asyncpg.Connection, candidates: Sequence[Candidate], *, latest: int | None = None
+) -> dict[uuid.UUID, EntryContent]:
+    """The entries holding the candidates' event ids: anywhere, or among the `latest` entries (seq gapless)."""
+    event_ids = list({c.content.event_id for c in candidates})
+    if latest is None:
+        rows = await connection.fetch(query("ledger", "entries_by_event_id"), event_ids)
+    else:
+        rows = await connection.fetch(query("ledger", "latest_entries_by_event_id"), event_ids, latest)
+    return {row["event_id"]: entry_from_row(row).content for row in rows}
+
+
+def _dedup(
+    known: dict[uuid.UUID, EntryContent], candidates: list[Candidate], rejected: list[Rejection],
+    outcome: AppendOutcome,
 ) -> list[Candidate]:
     """Same event_id and same content: stored once. Same event_id, other content: `event_id_conflict`."""
-    if not candidates:
-        return []
-    rows = await connection.fetch(
-        query("ledger", "entries_by_event_id"), list({c.content.event_id for c in candidates})
-    )
-    known: dict[uuid.UUID, EntryContent] = {row["event_id"]: entry_from_row(row).content for row in rows}
     fresh = []
     for candidate in candidates:
         earlier = known.get(candidate.content.event_id)

@@ -7,12 +7,22 @@ SELECT pg_advisory_xact_lock(7316285410396272485);
 -- name: head
 SELECT seq, entry_hash, recorded_at FROM ledger ORDER BY seq DESC LIMIT 1;
 
--- name: transaction_clock
-SELECT clock_timestamp();
+-- name: head_and_clock
+-- Under the append lock: the head to chain after (NULLs and seq 0 on an empty ledger) and the database clock.
+SELECT coalesce(h.seq, 0) AS seq, h.entry_hash, h.recorded_at, clock_timestamp() AS clock
+FROM (SELECT 1) AS one LEFT JOIN (SELECT seq, entry_hash, recorded_at FROM ledger ORDER BY seq DESC LIMIT 1) h ON true;
+
+-- name: head_seq
+SELECT coalesce(max(seq), 0) FROM ledger;
 
 -- name: entries_by_event_id
 SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
 FROM ledger WHERE event_id = ANY($1::uuid[]);
+
+-- name: latest_entries_by_event_id
+-- The same among the last $2 entries only: a walk back from the head, whatever the plan guesses of $2.
+SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
+FROM (SELECT * FROM ledger ORDER BY seq DESC LIMIT $2) latest WHERE event_id = ANY($1::uuid[]);
 
 -- name: stored_offsets
 SELECT topic, partition, next_offset FROM consumer_offsets
