@@ -120,6 +120,7 @@ class CanonicalPieces(NamedTuple):
 
 
 def canonical_pieces(content: EntryContent) -> CanonicalPieces:
+    """The pieces of `content`'s canonical bytes; its place (recorded_at and seq) goes between them."""
     document = content.as_json()
     subject_id = document.pop("subject_id")
     return CanonicalPieces(canonical_json(document)[:-1], b',"subject_id":' + canonical_json(subject_id) + b"}")
