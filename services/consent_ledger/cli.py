@@ -81,14 +81,15 @@ def up(
     demo: Annotated[bool, typer.Option(help="publish a demo history and print what the services make of it")] = False,
     exit_after_demo: Annotated[bool, typer.Option(help="stop once the demo is printed (for scripts)")] = False,
     api_port: Annotated[int | None, typer.Option(envvar="CONSENT_LEDGER_API_PORT",
-                                                 help="audit API port (0: a free one)")] = None,
+                                                 help="audit API port (default: a free one, printed)")] = None,
 ) -> None:
     """Start the whole stack in the foreground (embedded broker and PostgreSQL unless configured)."""
     from consent_ledger.apps.stack import run_stack
 
     settings = load_settings()
-    if api_port is not None:
-        settings = settings.model_copy(update={"api_port": api_port})
+    # Beside whatever else runs on the machine (another `up`, a dev server on 8080): a free port unless one is asked
+    # for, like the embedded servers'; the address is printed with the tokens.
+    settings = settings.model_copy(update={"api_port": 0 if api_port is None else api_port})
     raise typer.Exit(run_stack(settings, demo=demo, exit_after_demo=exit_after_demo))
 
 
