@@ -698,7 +698,7 @@ def _single_rows(results: dict[str, Any], key: str, where: str, target: str) -> 
         return []
     rows = [(f"single as-of eligibility over HTTP{where}",
              f"p50 {first['p50_ms']} ms, p99 {first['p99_ms']} ms "
-             f"({first.get('buffer_reads_per_question', '?')} pages read into the buffers a question)", target)]
+             f"({first['buffer_reads_per_question']} pages read into the buffers a question)", target)]
     if again is not None:
         rows.append((f"... the same questions again{where}", f"p50 {again['p50_ms']} ms, p99 {again['p99_ms']} ms "
                      f"({again['buffer_reads_per_question']} pages read a question)", ""))

@@ -212,9 +212,9 @@ async def _known_contents(
 ) -> tuple[int, dict[uuid.UUID, EntryContent]]:
     """The ledger's head seq, then the contents of the entries holding the candidates' event ids: all of them up to
     that seq (appends commit in seq order, so a later statement sees every entry up to it)."""
+    if not candidates:  # nothing to look up, then or under the lock
+        return 0, {}
     seen_upto: int = await connection.fetchval(query("ledger", "head_seq"))
-    if not candidates:
-        return seen_upto, {}
     return seen_upto, await _contents_by_event_id(connection, candidates)
 
 
