@@ -179,13 +179,44 @@ class ChainBreak:
     detail: str
 
 
+class ChainLink(NamedTuple):
+    """The entry stored just before another, as that one is checked against it."""
+
+    seq: int
+    recorded_at: datetime | None
+    entry_hash: bytes
+
+
+CHAIN_START = ChainLink(0, None, GENESIS_HASH)
+"""What seq 1 follows."""
+
+
+def link_break(previous: ChainLink, entry: LedgerEntry, place_prefix: bytes | None = None) -> ChainBreak | None:
+    """Why `entry` cannot follow `previous`, the entry stored before it, or None: a gap, a step back in time, or a
+    hash that does not cover the two (`place_prefix`: its recorded_at's, when the caller formatted it already).
+
+    The check reads only the two stored entries, so checking every entry against its predecessor checks the whole
+    chain in any order, and the break with the lowest seq is the one a walk from seq 1 stops at.
+    """
+    if place_prefix is None:
+        place_prefix = _place_prefix(format_timestamp(entry.recorded_at))
+    expected = _link(previous.entry_hash, entry.seq, place_prefix, canonical_pieces(entry.content))
+    if entry.seq != previous.seq + 1:
+        detail = f"gap: seq {entry.seq} follows seq {previous.seq}"
+    elif previous.recorded_at is not None and entry.recorded_at < previous.recorded_at:
+        detail = f"recorded_at of seq {entry.seq} goes back in time"
+    elif expected != entry.entry_hash:
+        detail = f"entry_hash of seq {entry.seq} does not match its content and predecessor"
+    else:
+        return None
+    return ChainBreak(entry.seq, expected, entry.entry_hash, detail)
+
+
 class ChainVerifier:
     """Folds entries in seq order and remembers the first break; feed it batches of any size."""
 
     def __init__(self, previous_hash: bytes = GENESIS_HASH, previous_seq: int = 0) -> None:
-        self.previous_hash = previous_hash
-        self.previous_seq = previous_seq
-        self.previous_recorded_at: datetime | None = None
+        self.previous = ChainLink(previous_seq, None, previous_hash)
         self.checked = 0
         self.first_break: ChainBreak | None = None
         # The entries of one append transaction share their recorded_at: its text is formatted once for all.
@@ -199,19 +230,32 @@ class ChainVerifier:
             if entry.recorded_at != self._recorded_at:
                 self._recorded_at = entry.recorded_at
                 self._place_prefix = _place_prefix(format_timestamp(entry.recorded_at))
-            expected = _link(self.previous_hash, entry.seq, self._place_prefix, canonical_pieces(entry.content))
-            detail = ""
-            if entry.seq != self.previous_seq + 1:
-                detail = f"gap: seq {entry.seq} follows seq {self.previous_seq}"
-            elif self.previous_recorded_at is not None and entry.recorded_at < self.previous_recorded_at:
-                detail = f"recorded_at of seq {entry.seq} goes back in time"
-            elif expected != entry.entry_hash:
-                detail = f"entry_hash of seq {entry.seq} does not match its content and predecessor"
-            if detail:
-                self.first_break = ChainBreak(entry.seq, expected, entry.entry_hash, detail)
+            self.first_break = link_break(self.previous, entry, self._place_prefix)
+            if self.first_break is not None:
                 return self.first_break
-            self.previous_hash = entry.entry_hash
-            self.previous_seq = entry.seq
-            self.previous_recorded_at = entry.recorded_at
+            self.previous = ChainLink(entry.seq, entry.recorded_at, entry.entry_hash)
             self.checked += 1
         return self.first_break
+
+
+class LinkChecker:
+    """Checks entries in any order, each against the entry stored before it; keeps the break with the lowest seq.
+
+    What a `ChainVerifier` walking the same entries from seq 1 finds, in parts that can run side by side: the
+    replay's shards each check the entries they rebuild.
+    """
+
+    def __init__(self) -> None:
+        self.checked = 0
+        self.first_break: ChainBreak | None = None
+        self._recorded_at: datetime | None = None
+        self._place_prefix = b""
+
+    def check(self, previous: ChainLink, entry: LedgerEntry) -> None:
+        if entry.recorded_at != self._recorded_at:
+            self._recorded_at = entry.recorded_at
+            self._place_prefix = _place_prefix(format_timestamp(entry.recorded_at))
+        found = link_break(previous, entry, self._place_prefix)
+        self.checked += 1
+        if found is not None and (self.first_break is None or found.seq < self.first_break.seq):
+            self.first_break = found

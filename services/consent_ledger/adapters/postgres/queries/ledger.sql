@@ -47,6 +47,19 @@ FROM ledger WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3;
 -- What the outbox publishes: which subject each entry after the cursor is about (the entries stay here).
 SELECT seq, subject_id FROM ledger WHERE seq > $1 ORDER BY seq LIMIT $2;
 
+-- name: links_outside_subjects
+-- The entries up to seq $2 that no replay shard reads (no subject, or recorded after the cut $1), each with the
+-- recorded_at and entry_hash of seq - 1 (NULL when there is none), as replay_subject_entries gives them.
+SELECT l.seq, l.recorded_at, l.event_id, l.event_type, l.subject_id, l.occurred_at, l.producer, l.body,
+       l.entry_hash, p.recorded_at, p.entry_hash
+FROM ledger l LEFT JOIN ledger p ON p.seq = l.seq - 1
+WHERE l.seq <= $2 AND (l.subject_id IS NULL OR l.recorded_at > $1)
+ORDER BY l.seq;
+
+-- name: entry_before
+-- The entry stored last before seq $1: what an entry after a gap follows.
+SELECT seq, recorded_at, entry_hash FROM ledger WHERE seq < $1 ORDER BY seq DESC LIMIT 1;
+
 -- name: entry_by_event_id
 SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
 FROM ledger WHERE event_id = $1;

@@ -121,11 +121,15 @@ ORDER BY valid_from NULLS FIRST;
 
 -- name: replay_subject_entries
 -- Subject by subject (the ledger_subject_seq index gives this order): a subject's history at a time, for the
--- subjects from $2 (inclusive) to $3 (exclusive), NULL meaning unbounded (a replay shard).
-SELECT seq, recorded_at, event_id, event_type, subject_id, occurred_at, producer, body, entry_hash
-FROM ledger WHERE subject_id IS NOT NULL AND recorded_at <= $1
-  AND ($2::text IS NULL OR subject_id >= $2) AND ($3::text IS NULL OR subject_id < $3)
-ORDER BY subject_id, seq;
+-- subjects from $2 (inclusive) to $3 (exclusive), NULL meaning unbounded (a replay shard). Each entry comes with
+-- the recorded_at and entry_hash of seq - 1 (NULL when there is none), the entry its link in the chain is checked
+-- against: the shard checks the links of what it rebuilds.
+SELECT l.seq, l.recorded_at, l.event_id, l.event_type, l.subject_id, l.occurred_at, l.producer, l.body,
+       l.entry_hash, p.recorded_at, p.entry_hash
+FROM ledger l LEFT JOIN ledger p ON p.seq = l.seq - 1
+WHERE l.subject_id IS NOT NULL AND l.recorded_at <= $1
+  AND ($2::text IS NULL OR l.subject_id >= $2) AND ($3::text IS NULL OR l.subject_id < $3)
+ORDER BY l.subject_id, l.seq;
 
 -- name: fold_state_differences
 -- The subjects from $2 (inclusive) to $3 (exclusive), NULL meaning unbounded, whose fold state is not their last seq.
