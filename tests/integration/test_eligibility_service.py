@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,6 @@ from consent_ledger.adapters.policy_files import DEFAULT_TIMELINE, load_timeline
 from consent_ledger.adapters.postgres import state_store
 from consent_ledger.adapters.postgres.connection import connect, create_pool
 from consent_ledger.adapters.postgres.ledger_store import Candidate, append
-from consent_ledger.adapters.postgres.state_store import Cited, DecisionInputs, merged_inputs
 from consent_ledger.apps.audit_api.service import PARALLEL_ITEMS, EligibilityService, Question, receipt_view
 from consent_ledger.apps.bench import history
 from consent_ledger.apps.policy_record import record_policy_if_changed
@@ -66,8 +66,18 @@ async def service(settings: Settings, pool_size: int) -> EligibilityService:
 
 
 async def test_a_batch_read_in_parts_answers_as_the_brute_force_fold(
-    settings: Settings, folded: list[LedgerEntry]
+    settings: Settings, folded: list[LedgerEntry], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Read in two parts by subject, each part's evidence after its decisions: every answer, with its evidence, in
+    the questions' order."""
+    real = state_store.decision_inputs
+    reads: list[int] = []
+
+    async def reading(*args: Any) -> state_store.DecisionInputs:
+        reads.append(len(args[1]))
+        return await real(*args)
+
+    monkeypatch.setattr(state_store, "decision_inputs", reading)
     by_subject: dict[str, list[LedgerEntry]] = defaultdict(list)
     for entry in folded:
         if entry.subject_id:
@@ -97,6 +107,7 @@ async def test_a_batch_read_in_parts_answers_as_the_brute_force_fold(
             assert verdicts == {True, False}  # the history gives both answers: a comparison that can fail
     finally:
         await svc.pool.close()
+    assert (len(reads), sum(reads)) == (4, 2 * len(questions))  # two `at`s, each read in two parts
 
 
 async def test_large_batches_at_once_on_a_small_pool_all_finish(
@@ -147,10 +158,28 @@ async def test_the_parts_of_a_batch_see_one_ledger_while_entries_are_appended(
     assert {a["ledger_watermark"] for a in answers} == {folded[-1].seq}  # not the entry appended meanwhile
 
 
-def test_parts_that_saw_different_ledgers_are_refused() -> None:
-    empty = Cited([(), (), (), (), ()])
-    with pytest.raises(RuntimeError, match="share one snapshot"):
-        merged_inputs([DecisionInputs(5, 5, {}, empty), DecisionInputs(6, 6, {}, empty)])
+async def test_parts_that_saw_different_ledgers_are_refused(
+    settings: Settings, folded: list[LedgerEntry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = state_store.decision_inputs
+    calls: list[int] = []
+
+    async def reading(*args: Any) -> state_store.DecisionInputs:
+        later = len(calls)  # the second part as if read from a later snapshot: one more entry seen and folded
+        calls.append(later)
+        inputs = await real(*args)
+        return dataclasses.replace(inputs, watermark=inputs.watermark + later, folded=inputs.folded + later)
+
+    monkeypatch.setattr(state_store, "decision_inputs", reading)
+    questions = [Question(e.subject_id, e.body["conversation_id"])
+                 for e in folded if e.subject_id and "conversation_id" in e.body][:PARALLEL_ITEMS]
+    svc = await service(settings, 2)
+    try:
+        with pytest.raises(RuntimeError, match="share one snapshot"):
+            await svc.decide(questions, None, None)
+    finally:
+        await svc.pool.close()
+    assert len(calls) == 2
 
 
 async def test_a_new_policy_timeline_is_refused_until_the_state_is_rebuilt_and_old_receipts_still_reproduce(

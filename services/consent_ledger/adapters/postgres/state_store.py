@@ -192,11 +192,9 @@ CITED_COLUMNS = ("seq", "event_id", "event_type", "occurred_at", "recorded_at")
 
 
 class Cited:
-    """The ledger columns of every seq a request's rows cite, as the API shows them (RFC 3339 text).
+    """The ledger columns of the seqs a request's answers show as evidence, as the API shows them (RFC 3339 text).
 
-    Each seq's object is built on first use and kept: a 1,000-item batch fetches about 4,500 cited seqs, shows
-    about 2,900 of them, and many several times (lab: turning its rows into facts took 26-29 ms with all of them
-    built up front, 21 ms without).
+    Each seq's object is built on first use and kept: answers about one subject share its account's entries.
     """
 
     __slots__ = ("_index", "_rendered", "columns")
@@ -228,7 +226,6 @@ class DecisionInputs:
     folded: int
     """Every entry up to this seq is folded into the state tables."""
     facts: dict[str, SubjectFacts]
-    cited: Cited
 
 
 async def decision_inputs(
@@ -237,7 +234,8 @@ async def decision_inputs(
 ) -> DecisionInputs:
     """For each (subject, conversation): the rows that decide eligibility at `at` as known at `known_at`.
 
-    One round trip whatever the number of items (the state tables' latency is the API's latency).
+    One round trip whatever the number of items (the state tables' latency is the API's latency); the evidence
+    the decisions show is read after them (`cited_entries`).
     """
     row = await connection.fetchrow(
         query("state", "decision_inputs"), [s for s, _ in items], [c for _, c in items], at, known_at,
@@ -261,20 +259,13 @@ async def decision_inputs(
         )
         for subject, _ in items
     }
-    cited = Cited(_arrays(row, "e", CITED_COLUMNS))
-    return DecisionInputs(int(row["watermark"]), int(row["folded"]), facts, cited)
+    return DecisionInputs(int(row["watermark"]), int(row["folded"]), facts)
 
 
-def merged_inputs(parts: Sequence[DecisionInputs]) -> DecisionInputs:
-    """One request's inputs from parts read for disjoint subjects in one snapshot (so one watermark)."""
-    first = parts[0]
-    if any((p.watermark, p.folded) != (first.watermark, first.folded) for p in parts):
-        raise RuntimeError("parts of one read saw different ledgers: they must share one snapshot")
-    facts = {subject: f for part in parts for subject, f in part.facts.items()}
-    # Each column of the merged set: that column's arrays of all parts, end to end.
-    columns = [[value for array in arrays for value in array]
-               for arrays in zip(*(p.cited.columns for p in parts), strict=True)]
-    return DecisionInputs(first.watermark, first.folded, facts, Cited(columns))
+async def cited_entries(connection: asyncpg.Connection, seqs: Iterable[int]) -> Cited:
+    """The ledger columns of `seqs`, to show as evidence."""
+    row = await connection.fetchrow(query("state", "cited_entries"), sorted(seqs))
+    return Cited(_arrays(row, "e", CITED_COLUMNS))
 
 
 def _in_order(rows: list[RowT], key: Callable[[RowT], Any]) -> tuple[RowT, ...]:

@@ -23,12 +23,11 @@ from consent_ledger.core.ledger import DECISION_RECORDED, EntryContent, LedgerEn
 from consent_ledger.core.policy import PolicyTimeline
 
 RECEIPT_PRODUCER = "consent-ledger/audit-api"
-PARALLEL_ITEMS = 200
-"""From this many questions on, the state rows are read in two halves at once, on two sessions: PostgreSQL works on
-both on two cores. Lab, 1,000 items, in-process, three alternating runs: p50 131-144 -> 110-116 ms, p99 196-225 ->
-142-155 ms. The snapshot's export and import cost round trips: in-process p50, one session against two, 50 items
-5.6-6.9 against 6.7-7.2 ms, 100 11.4-11.7 against 12.2-12.8, 200 24.6-25.5 against 20.6-24.4, 400 34.6-44.4
-against 27.4-28.1."""
+PARALLEL_ITEMS = 50
+"""From this many questions on, they are read in two parts by subject at once, on two sessions: PostgreSQL works on
+both on two cores. The snapshot's export and import cost round trips. Lab, in-process, 100 rounds (40 from 100
+items), p50 on one session against two: 5 items 1.1 against 1.7 ms, 20 1.7 against 2.1, 35 2.0 against 2.3, 50 2.5
+against 2.1, 100 5.1 against 3.8, 400 20.8 against 16.5, 1,000 55.9 against 41.8."""
 
 
 SAME_POLICY_FILE = (
@@ -121,13 +120,37 @@ class EligibilityService:
                 sessions = [await stack.enter_async_context(self.pool.acquire()) for _ in range(count)]
             yield sessions
 
-    async def _read_inputs(
-        self, sessions: Sequence[asyncpg.Connection], items: Sequence[tuple[str, str]], at: datetime,
-        known_at: datetime,
-    ) -> state_store.DecisionInputs:
-        """One read of the state rows: on one session, or split by subject over several sharing one snapshot."""
+    async def _answers(
+        self, sessions: Sequence[asyncpg.Connection], questions: Sequence[Question], at: datetime, known_at: datetime,
+        watermark: int | None,
+    ) -> list[dict[str, Any]]:
+        """Every answer from one read: on one session, or in parts by subject on several sharing one snapshot.
+
+        Each part reads the rows that decide its questions, decides them, then reads the evidence the decisions
+        show. StateBehind if the state has not folded all the read sees.
+        """
+        items = [(q.subject_id, q.conversation_id) for q in questions]
+        at_text, known_at_text = format_timestamp(at), format_timestamp(known_at)
+        ledgers: set[tuple[int, int]] = set()
+
+        async def answered(session: asyncpg.Connection, part: Sequence[int]) -> list[dict[str, Any]]:
+            inputs = await state_store.decision_inputs(
+                session, [items[i] for i in part], at, known_at, self.app_id, self.partitions
+            )
+            ledgers.add((inputs.watermark, inputs.folded))
+            if len(ledgers) > 1:
+                raise RuntimeError("parts of one read saw different ledgers: they must share one snapshot")
+            seen = inputs.watermark if watermark is None else watermark
+            if inputs.folded < seen:
+                raise StateBehind(seen, inputs.folded)
+            decisions = [decide_eligibility(inputs.facts[questions[i].subject_id], questions[i].conversation_id,
+                                            at, self.timeline) for i in part]
+            cited = await state_store.cited_entries(session, {s for d in decisions for s in d.evidence_seqs})
+            return [answer_json(questions[i], decision, at_text, known_at_text, seen, cited)
+                    for i, decision in zip(part, decisions, strict=True)]
+
         if len(sessions) == 1:
-            return await state_store.decision_inputs(sessions[0], items, at, known_at, self.app_id, self.partitions)
+            return await answered(sessions[0], range(len(items)))
         first, *others = sessions
         async with AsyncExitStack() as stack:
             # Repeatable read on all, the others importing the first's snapshot: every part sees the same ledger,
@@ -137,33 +160,26 @@ class EligibilityService:
             for other in others:
                 await stack.enter_async_context(other.transaction(isolation="repeatable_read", readonly=True))
                 await other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # an id PostgreSQL made: no quoting
-            parts = await asyncio.gather(*(
-                state_store.decision_inputs(session, part, at, known_at, self.app_id, self.partitions)
-                for session, part in zip(sessions, _split_by_subject(items, len(sessions)), strict=True)
-            ))
-        return state_store.merged_inputs(parts)
-
-    async def _inputs(
-        self, sessions: Sequence[asyncpg.Connection], questions: Sequence[Question], at: datetime, known_at: datetime,
-        watermark: int | None,
-    ) -> state_store.DecisionInputs:
-        """The state rows for the questions, once everything the question may see is folded (or StateBehind)."""
-        items = [(q.subject_id, q.conversation_id) for q in questions]
-        deadline = time.monotonic() + self.state_wait_seconds
-        while True:
-            inputs = await self._read_inputs(sessions, items, at, known_at)
-            needed = inputs.watermark if watermark is None else watermark
-            if inputs.folded >= needed:
-                return inputs
-            if time.monotonic() >= deadline:
-                raise StateBehind(needed, inputs.folded)
-            await asyncio.sleep(0.02)
+            parts = _split_by_subject(items, len(sessions))
+            # Every part to its end before the transactions end: one that raised would leave others mid-statement.
+            outcomes = await asyncio.gather(
+                *(answered(session, part) for session, part in zip(sessions, parts, strict=False)),
+                return_exceptions=True,
+            )
+        answers: list[dict[str, Any]] = [{} for _ in items]
+        for part, outcome in zip(parts, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            for i, answer in zip(part, outcome, strict=True):
+                answers[i] = answer
+        return answers
 
     async def decide(
         self, questions: Sequence[Question], at: datetime | None, known_at: datetime | None,
         *, watermark: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Answer every question at one `at` and `known_at` (default: now), in one query (two at once for many).
+        """Answer every question at one `at` and `known_at` (default: now), in two queries (on two sessions at once
+        for many), once everything the question may see is folded (or StateBehind after `state_wait_seconds`).
 
         With `watermark`, knowledge is cut at that seq instead (how a receipt is reproduced).
         """
@@ -174,14 +190,14 @@ class EligibilityService:
             if watermark is not None:
                 known_at = await self.recorded_at_of(sessions[0], watermark)
             known_at = known_at or now
-            inputs = await self._inputs(sessions, questions, at, known_at, watermark)
-        seen = inputs.watermark if watermark is None else watermark
-        at_text, known_at_text = format_timestamp(at), format_timestamp(known_at)
-        return [
-            answer_json(q, decide_eligibility(inputs.facts[q.subject_id], q.conversation_id, at, self.timeline),
-                        at_text, known_at_text, seen, inputs.cited)
-            for q in questions
-        ]
+            deadline = time.monotonic() + self.state_wait_seconds
+            while True:
+                try:
+                    return await self._answers(sessions, questions, at, known_at, watermark)
+                except StateBehind:
+                    if time.monotonic() >= deadline:
+                        raise
+                await asyncio.sleep(0.02)
 
     async def recorded_at_of(self, connection: asyncpg.Connection, seq: int) -> datetime:
         if seq == 0:
@@ -308,14 +324,14 @@ class EligibilityService:
         }
 
 
-def _split_by_subject(items: Sequence[tuple[str, str]], parts: int) -> list[list[tuple[str, str]]]:
-    """`parts` lists of the items, each subject's items in one of them (a subject's rows are read once)."""
+def _split_by_subject(items: Sequence[tuple[str, str]], parts: int) -> list[list[int]]:
+    """At most `parts` lists of the items' indexes, each subject's items in one of them (its rows are read once)."""
     subjects = sorted({subject for subject, _ in items})
     part_of = {subject: i * parts // len(subjects) for i, subject in enumerate(subjects)}
-    split: list[list[tuple[str, str]]] = [[] for _ in range(parts)]
-    for item in items:
-        split[part_of[item[0]]].append(item)
-    return split
+    split: list[list[int]] = [[] for _ in range(parts)]
+    for index, (subject, _) in enumerate(items):
+        split[part_of[subject]].append(index)
+    return [part for part in split if part]
 
 
 def receipt_view(decision: Decision) -> dict[str, Any]:
