@@ -161,6 +161,8 @@ async def test_the_parts_of_a_batch_see_one_ledger_while_entries_are_appended(
 async def test_parts_that_saw_different_ledgers_are_refused(
     settings: Settings, folded: list[LedgerEntry], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Refused once both parts are done: raised as soon as one part saw it, the transactions were rolled back under
+    the other part's running statement (asyncpg: "another operation is in progress")."""
     real = state_store.decision_inputs
     calls: list[int] = []
 

@@ -296,11 +296,11 @@ async def _rebuild_and_compare(
         pending: dict[type[Any], list[tuple[Any, ...]]] = {cls: [] for cls in TABLE_OF}
         current: list[tuple[str, int, dict[str, Any]]] = []
         unreported = 0
-        async for entries, rows in _subjects(reader, until, shard):
+        async for entries, entry_rows in _subjects(reader, until, shard):
             subjects += 1
             subject_id = entries[0].subject_id
             assert subject_id is not None
-            for row, entry in zip(rows, entries, strict=True):
+            for row, entry in zip(entry_rows, entries, strict=True):
                 checker.check(_predecessor(row, entry) or await _entry_before(writer, entry.seq), entry)
             changes, facts = fold_increments(subject_id, [], entries, timeline)
             for cls, rows in plan_writes(changes).inserts.items():
