@@ -191,15 +191,30 @@ CHAIN_START = ChainLink(0, None, GENESIS_HASH)
 """What seq 1 follows."""
 
 
-def link_break(previous: ChainLink, entry: LedgerEntry, place_prefix: bytes | None = None) -> ChainBreak | None:
+class _PlacePrefixes:
+    """The place prefix of the last recorded_at asked for: one append transaction's entries share it, so it is
+    formatted once for all of them."""
+
+    __slots__ = ("_prefix", "_recorded_at")
+
+    def __init__(self) -> None:
+        self._recorded_at: datetime | None = None
+        self._prefix = b""
+
+    def of(self, recorded_at: datetime) -> bytes:
+        if recorded_at != self._recorded_at:
+            self._recorded_at = recorded_at
+            self._prefix = _place_prefix(format_timestamp(recorded_at))
+        return self._prefix
+
+
+def link_break(previous: ChainLink, entry: LedgerEntry, place_prefix: bytes) -> ChainBreak | None:
     """Why `entry` cannot follow `previous`, the entry stored before it, or None: a gap, a step back in time, or a
-    hash that does not cover the two (`place_prefix`: its recorded_at's, when the caller formatted it already).
+    hash that does not cover the two (`place_prefix`: that of the entry's recorded_at).
 
     The check reads only the two stored entries, so checking every entry against its predecessor checks the whole
     chain in any order, and the break with the lowest seq is the one a walk from seq 1 stops at.
     """
-    if place_prefix is None:
-        place_prefix = _place_prefix(format_timestamp(entry.recorded_at))
     expected = _link(previous.entry_hash, entry.seq, place_prefix, canonical_pieces(entry.content))
     if entry.seq != previous.seq + 1:
         detail = f"gap: seq {entry.seq} follows seq {previous.seq}"
@@ -219,18 +234,13 @@ class ChainVerifier:
         self.previous = ChainLink(previous_seq, None, previous_hash)
         self.checked = 0
         self.first_break: ChainBreak | None = None
-        # The entries of one append transaction share their recorded_at: its text is formatted once for all.
-        self._recorded_at: datetime | None = None
-        self._place_prefix = b""
+        self._prefixes = _PlacePrefixes()
 
     def feed(self, entries: Iterable[LedgerEntry]) -> ChainBreak | None:
         for entry in entries:
             if self.first_break is not None:
                 return self.first_break
-            if entry.recorded_at != self._recorded_at:
-                self._recorded_at = entry.recorded_at
-                self._place_prefix = _place_prefix(format_timestamp(entry.recorded_at))
-            self.first_break = link_break(self.previous, entry, self._place_prefix)
+            self.first_break = link_break(self.previous, entry, self._prefixes.of(entry.recorded_at))
             if self.first_break is not None:
                 return self.first_break
             self.previous = ChainLink(entry.seq, entry.recorded_at, entry.entry_hash)
@@ -248,14 +258,10 @@ class LinkChecker:
     def __init__(self) -> None:
         self.checked = 0
         self.first_break: ChainBreak | None = None
-        self._recorded_at: datetime | None = None
-        self._place_prefix = b""
+        self._prefixes = _PlacePrefixes()
 
     def check(self, previous: ChainLink, entry: LedgerEntry) -> None:
-        if entry.recorded_at != self._recorded_at:
-            self._recorded_at = entry.recorded_at
-            self._place_prefix = _place_prefix(format_timestamp(entry.recorded_at))
-        found = link_break(previous, entry, self._place_prefix)
+        found = link_break(previous, entry, self._prefixes.of(entry.recorded_at))
         self.checked += 1
         if found is not None and (self.first_break is None or found.seq < self.first_break.seq):
             self.first_break = found

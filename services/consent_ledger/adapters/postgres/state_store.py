@@ -263,8 +263,11 @@ async def decision_inputs(
 
 
 async def cited_entries(connection: asyncpg.Connection, seqs: Iterable[int]) -> Cited:
-    """The ledger columns of `seqs`, to show as evidence."""
-    row = await connection.fetchrow(query("state", "cited_entries"), sorted(seqs))
+    """The ledger columns of `seqs`, to show as evidence (no round trip when there are none)."""
+    ordered = sorted(seqs)
+    if not ordered:
+        return Cited([() for _ in CITED_COLUMNS])
+    row = await connection.fetchrow(query("state", "cited_entries"), ordered)
     return Cited(_arrays(row, "e", CITED_COLUMNS))
 
 
